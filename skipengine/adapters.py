@@ -1,0 +1,125 @@
+"""Architecture adapters: where a loaded HF decoder keeps its parts, and how one layer computes.
+
+The engine drives the layer loop itself (so that it can skip layers, own the KV cache and, later, let
+tokens exit at different depths); an adapter is the only place that knows module names. Each method
+reuses the HF modules themselves, so full-depth numerics equal HF's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from skipengine.kernels import FrozenLinear
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, HF's formula. x: [B, heads, T, D]; cos, sin: [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class LayerKernels:
+    """One layer's projections, frozen for inference: q|k|v and gate|up fused into one call each."""
+
+    qkv: FrozenLinear
+    o: FrozenLinear
+    gate_up: FrozenLinear
+    down: FrozenLinear
+
+
+class LlamaFamilyAdapter:
+    """Llama, Mistral, Qwen2 and SmolLM2: pre-norm blocks, GQA attention with rotary, gated MLP.
+
+    The projections are snapshotted at construction (see kernels.py): build a new adapter (a new
+    Engine) after changing the weights, e.g. after merging a fine-tuned adapter.
+    """
+
+    model_types = ("llama", "mistral", "qwen2")
+
+    def __init__(self, model: nn.Module, pack: bool = True):
+        config = model.config
+        self.model = model
+        self.embed_tokens = model.model.embed_tokens
+        self.layers = model.model.layers
+        self.final_norm = model.model.norm
+        self.rotary = model.model.rotary_emb
+        self.lm_head = model.lm_head
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.max_positions = config.max_position_embeddings
+        mistral = config.model_type == "mistral"
+        self.sliding_window = getattr(config, "sliding_window", None) if mistral else None
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.kernels = [self._freeze(layer, pack) for layer in self.layers]
+        self.head = FrozenLinear(self.lm_head.weight, self.lm_head.bias, pack)
+
+    @staticmethod
+    def _freeze(layer: nn.Module, pack: bool) -> LayerKernels:
+        attn, mlp = layer.self_attn, layer.mlp
+        return LayerKernels(
+            qkv=FrozenLinear.fuse([attn.q_proj, attn.k_proj, attn.v_proj], pack),
+            o=FrozenLinear(attn.o_proj.weight, attn.o_proj.bias, pack),
+            gate_up=FrozenLinear.fuse([mlp.gate_proj, mlp.up_proj], pack),
+            down=FrozenLinear(mlp.down_proj.weight, mlp.down_proj.bias, pack),
+        )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [B, T, D] for positions [B, T]."""
+        return self.rotary(hidden, positions)
+
+    def attention_input(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.layers[i].input_layernorm(hidden)
+
+    def qkv(
+        self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, T, hidden] (normed) -> q [B, heads, T, D], k and v [B, kv_heads, T, D]; q, k rotated."""
+        b, t, _ = x.shape
+        q, k, v = self.kernels[i].qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def attention_residual(self, i: int, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """attn: [B, T, heads * D] -> hidden + o_proj(attn)."""
+        return hidden + self.kernels[i].o(attn)
+
+    def mlp_residual(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        gate, up = self.kernels[i].gate_up(self.layers[i].post_attention_layernorm(hidden)).chunk(2, dim=-1)
+        return hidden + self.kernels[i].down(self.layers[i].mlp.act_fn(gate) * up)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.final_norm(hidden))
+
+
+ADAPTERS = (LlamaFamilyAdapter,)
+
+
+def adapter_for(model: nn.Module) -> LlamaFamilyAdapter:
+    model_type = getattr(model.config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter(model)
+    raise UnsupportedArchitecture(f"no native adapter for model_type={model_type!r}")
+
+
+def has_adapter(model: nn.Module) -> bool:
+    return any(getattr(model.config, "model_type", None) in a.model_types for a in ADAPTERS)

@@ -1,0 +1,228 @@
+"""The skip-enabled batched decoder.
+
+A left-padded batch runs prefill (every layer, or the plan's layers) and then decode through the plan's
+kept layers, over a static KV cache that holds slots only for the kept layers. Rows stop on EOS, a stop
+string, their token limit or the context window; a finished row leaves the batch, so it stops costing
+compute. Architectures without a native adapter get the same plan through HF generate (`generic`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skipengine import generic
+from skipengine.adapters import adapter_for, has_adapter
+from skipengine.cache import StaticKVCache
+from skipengine.inputs import encode_prompt
+from skipengine.outputs import GenerationOutput, GenerationStats, RowResult
+from skipengine.plan import SkipPlan, full_plan
+from skipengine.sampling import SamplingParams, find_stop, next_tokens, row_generators
+
+
+def attention_mask(
+    pad: torch.Tensor, query_cols: torch.Tensor, key_len: int, window: int | None
+) -> torch.Tensor:
+    """Boolean mask [B, 1, Tq, key_len], True = attend.
+
+    pad: [B] left-padding per row; query_cols: [Tq] cache columns of the queries. Causal, no padded keys,
+    optional sliding window. A padded query attends to itself only, so its row never softmaxes over
+    nothing (its output is never read).
+    """
+    keys = torch.arange(key_len, device=pad.device)
+    causal = keys[None, :] <= query_cols[:, None]  # [Tq, K]
+    if window is not None:
+        causal &= keys[None, :] > query_cols[:, None] - window
+    real_key = keys[None, None, :] >= pad[:, None, None]  # [B, 1, K]
+    allowed = causal[None] & real_key | (keys[None, :] == query_cols[:, None])[None]
+    return allowed[:, None]
+
+
+class Engine:
+    """Batched generation under a SkipPlan. Construct once per model; call generate() per batch."""
+
+    def __init__(self, model: nn.Module, tokenizer, max_context: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.adapter = adapter_for(model) if has_adapter(model) else None
+        if self.adapter is not None:
+            self.num_layers = self.adapter.num_layers
+            model_context = self.adapter.max_positions
+        else:
+            self.num_layers = generic.num_decoder_layers(model)
+            model_context = generic.max_positions(model)
+        self.max_context = min(max_context or model_context, model_context)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = _pad_id(model, tokenizer, self.eos_ids)
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        plan: SkipPlan | None = None,
+        sampling: SamplingParams | None = None,
+        on_too_long: str = "error",
+    ) -> GenerationOutput:
+        """One RowResult per prompt, in order. A bad prompt fails its own row (error set), never the batch."""
+        plan = plan or full_plan(self.num_layers)
+        sampling = sampling or SamplingParams()
+        if plan.num_layers != self.num_layers:
+            raise ValueError(f"the plan is for {plan.num_layers} layers; this model has {self.num_layers}")
+        if isinstance(prompts, str):
+            raise TypeError("generate() takes a batch: a list of prompts, not one str")
+
+        encoded = [
+            encode_prompt(p, self.tokenizer, self.max_context, sampling.max_new_tokens, on_too_long)
+            for p in prompts
+        ]
+        rows = [RowResult(error=e.error, truncated=e.truncated) for e in encoded]
+        good = [i for i, e in enumerate(encoded) if e.ids is not None]
+        stats = GenerationStats(num_rows=len(rows), num_errors=len(rows) - len(good))
+        stats.predicted_speedup = plan.predicted_speedup
+        if not good:
+            return GenerationOutput(rows, stats)
+
+        ids = [encoded[i].ids for i in good]
+        if self.adapter is not None:
+            generated, reasons = self._generate_native(ids, plan, sampling, stats)
+        else:
+            generated, reasons = generic.generate(self.model, ids, plan, sampling, self, stats)
+        for i, prompt_ids, new_ids, reason in zip(good, ids, generated, reasons, strict=True):
+            row = rows[i]
+            row.token_ids, row.finish_reason = new_ids, reason
+            row.num_input_tokens, row.num_generated_tokens = len(prompt_ids), len(new_ids)
+            row.text = self.text(new_ids, sampling.stop)
+        stats.num_input_tokens = sum(len(x) for x in ids)
+        stats.num_generated_tokens = sum(len(g) for g in generated)
+        return GenerationOutput(rows, stats)
+
+    # -- native path -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _generate_native(
+        self, prompts: list[list[int]], plan: SkipPlan, sampling: SamplingParams, stats: GenerationStats
+    ) -> tuple[list[list[int]], list[str]]:
+        ad, dev = self.adapter, self.device
+        batch = len(prompts)
+        lengths = [len(p) for p in prompts]
+        prompt_len = max(lengths)
+        # a row may generate up to its token limit or the end of the context window, whichever is first
+        limits = [min(sampling.max_new_tokens, self.max_context - n) for n in lengths]
+        cache = StaticKVCache(
+            plan.kept_layers, batch, ad.num_kv_heads, prompt_len + max(limits), ad.head_dim, self.dtype, dev
+        )
+        stats.kv_cache_bytes = cache.nbytes
+
+        input_ids = torch.full((batch, prompt_len), self.pad_id, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            input_ids[r, prompt_len - len(p) :] = torch.tensor(p)
+        input_ids = input_ids.to(dev)
+        pad = torch.tensor([prompt_len - n for n in lengths], device=dev)  # [B]
+        generators = row_generators(sampling, prompts, dev)
+
+        t0 = time.perf_counter()
+        cols = torch.arange(prompt_len, device=dev)
+        positions = (cols[None, :] - pad[:, None]).clamp(min=0)  # [B, T]
+        mask = attention_mask(pad, cols, prompt_len, ad.sliding_window)
+        hidden = self._layers(ad.embed(input_ids), positions, mask, plan.prefill_layers, cache, 0)
+        tokens = next_tokens(ad.logits(hidden[:, -1]), sampling, generators)  # [B]
+        stats.prefill_s = time.perf_counter() - t0
+        stats.prefill_layers_per_token = float(len(plan.prefill_layers))
+
+        generated: list[list[int]] = [[] for _ in prompts]
+        reasons = ["length"] * batch
+        active = list(range(batch))  # original row index of each live cache row
+        col = prompt_len  # the cache column the next fed token is written to
+        t0 = time.perf_counter()
+        while True:
+            survivors = []
+            for slot, (r, tok) in enumerate(zip(active, tokens.tolist(), strict=True)):
+                generated[r].append(tok)
+                reason = self._finished(generated[r], limits[r], sampling)
+                if reason is None:
+                    survivors.append(slot)
+                else:
+                    reasons[r] = reason
+            if not survivors:
+                break
+            if len(survivors) < len(active):
+                keep = torch.tensor(survivors, device=dev)
+                cache.compact(keep, col)
+                tokens, pad = tokens[keep], pad[keep]
+                active = [active[s] for s in survivors]
+                generators = [generators[s] for s in survivors] if generators else generators
+            positions = (col - pad)[:, None]  # [n, 1]
+            mask = attention_mask(pad, torch.tensor([col], device=dev), col + 1, ad.sliding_window)
+            hidden = self._layers(ad.embed(tokens[:, None]), positions, mask, plan.kept_layers, cache, col)
+            tokens = next_tokens(ad.logits(hidden[:, -1]), sampling, generators)
+            col += 1
+            stats.decode_steps += 1
+        stats.decode_s = time.perf_counter() - t0
+        stats.decode_layers_per_token = float(plan.num_kept)
+        return generated, reasons
+
+    def _layers(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        layers: Sequence[int],
+        cache: StaticKVCache,
+        start: int,
+    ) -> torch.Tensor:
+        """hidden: [B, T, hidden] through `layers`; K/V of layers the cache owns are written at `start`."""
+        ad = self.adapter
+        cos, sin = ad.rope(hidden, positions)
+        batch, seq, _ = hidden.shape
+        for i in layers:
+            x = ad.attention_input(i, hidden)
+            q, k, v = ad.qkv(i, x, cos, sin)  # [B, H, T, D], [B, KV, T, D] x2
+            if cache.owns(i):
+                k, v = cache.update(i, start, k, v)  # [B, KV, start+T, D]
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ad.scale, enable_gqa=True)
+            hidden = ad.attention_residual(i, hidden, attn.transpose(1, 2).reshape(batch, seq, -1))
+            hidden = ad.mlp_residual(i, hidden)
+        return hidden
+
+    # -- stopping and text ---------------------------------------------------------------------------
+
+    def _finished(self, generated: list[int], limit: int, sampling: SamplingParams) -> str | None:
+        if not sampling.ignore_eos and generated[-1] in self.eos_ids:
+            return "stop"
+        if sampling.stop and find_stop(self.decode(generated), sampling.stop) is not None:
+            return "stop"
+        if len(generated) >= limit:
+            return "length"
+        return None
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def text(self, ids: list[int], stop: tuple[str, ...] = ()) -> str:
+        """The generated text, cut before the first stop string."""
+        text = self.decode(ids)
+        cut = find_stop(text, stop)
+        return text if cut is None else text[:cut]
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is None:
+            continue
+        ids.update(eos if isinstance(eos, list | tuple | set) else [eos])
+    return ids
+
+
+def _pad_id(model: nn.Module, tokenizer, eos_ids: set[int]) -> int:
+    for source in (tokenizer, getattr(model, "generation_config", None), model.config):
+        pad = getattr(source, "pad_token_id", None)
+        if isinstance(pad, int):
+            return pad
+    return min(eos_ids) if eos_ids else 0
