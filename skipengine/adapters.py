@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from skipengine.kernels import FrozenLinear
@@ -20,8 +21,8 @@ class UnsupportedArchitecture(ValueError):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, HF's formula. x: [B, heads, T, D]; cos, sin: [B, T, D]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """Rotary embedding, HF's formula. x: [B, T, heads, D]; cos, sin: [B, T, D]."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -35,6 +36,11 @@ class LayerKernels:
     o: FrozenLinear
     gate_up: FrozenLinear
     down: FrozenLinear
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An HF RMSNorm module's computation as one fused op (it is eight ops in eager HF)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 class LlamaFamilyAdapter:
@@ -85,29 +91,33 @@ class LlamaFamilyAdapter:
         return self.rotary(hidden, positions)
 
     def attention_input(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self.layers[i].input_layernorm(hidden)
+        return rms_norm(self.layers[i].input_layernorm, hidden)
 
     def qkv(
         self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, T, hidden] (normed) -> q [B, heads, T, D], k and v [B, kv_heads, T, D]; q, k rotated."""
         b, t, _ = x.shape
-        q, k, v = self.kernels[i].qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
-        return rotate(q, cos, sin), rotate(k, cos, sin), v
+        qkv = self.kernels[i].qkv(x).view(b, t, -1, self.head_dim)  # [B, T, H + 2 KV, D]
+        qk = rotate(qkv[:, :, : self.num_heads + self.num_kv_heads], cos, sin)  # q and k in one call
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=2)
+        v = qkv[:, :, self.num_heads + self.num_kv_heads :]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def attention_residual(self, i: int, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """attn: [B, T, heads * D] -> hidden + o_proj(attn)."""
         return hidden + self.kernels[i].o(attn)
 
     def mlp_residual(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        gate, up = self.kernels[i].gate_up(self.layers[i].post_attention_layernorm(hidden)).chunk(2, dim=-1)
+        gate, up = (
+            self.kernels[i]
+            .gate_up(rms_norm(self.layers[i].post_attention_layernorm, hidden))
+            .chunk(2, dim=-1)
+        )
         return hidden + self.kernels[i].down(self.layers[i].mlp.act_fn(gate) * up)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(self.final_norm(hidden))
+        return self.head(rms_norm(self.final_norm, hidden))
 
 
 ADAPTERS = (LlamaFamilyAdapter,)

@@ -118,9 +118,10 @@ def load_model(
     encoder-decoder ones as seq2seq LMs."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"model.device={device!r} but CUDA is not available here; use model.device=cpu")
+    torch_dtype = resolve_dtype(dtype)
     source = resolve(spec)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    model = auto.from_pretrained(source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+    model = auto.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tokenizer

@@ -1,0 +1,1 @@
+"""Ray Data stages around skipengine: sources, prompts, the generator actor, sinks, resume, run stats."""
