@@ -10,6 +10,7 @@ import random
 import statistics
 
 from skipengine.engine import Engine
+from skipengine.outputs import GenerationStats
 from skipengine.plan import MIN_KEPT_LAYERS, CostModel, SkipPlan, evenly_spaced
 from skipengine.sampling import SamplingParams
 
@@ -57,3 +58,21 @@ def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
     return slope, my - slope * mx
+
+
+def modeled_full_depth_decode_s(costs: list[CostModel], stats: GenerationStats) -> float:
+    """What the call's decode phase would have taken at full depth, from cost models measured at two or
+    more batch sizes: per-step cost is interpolated linearly in the number of live rows, so rows that
+    finish early (and leave the batch) are accounted for."""
+    costs = sorted(costs, key=lambda c: c.batch_size)
+    lo, hi = costs[0], costs[-1]
+    full_lo, full_hi = lo.step_seconds(lo.num_layers), hi.step_seconds(hi.num_layers)
+    per_row = (full_hi - full_lo) / (hi.batch_size - lo.batch_size) if hi.batch_size > lo.batch_size else 0.0
+    steps, rows = stats.decode_steps, stats.decode_row_steps
+    return steps * full_lo + (rows - steps * lo.batch_size) * per_row
+
+
+def achieved_decode_speedup(costs: list[CostModel], stats: GenerationStats) -> float | None:
+    if stats.decode_steps == 0 or stats.decode_s <= 0:
+        return None
+    return modeled_full_depth_decode_s(costs, stats) / stats.decode_s

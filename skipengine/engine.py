@@ -88,13 +88,15 @@ class Engine:
             return GenerationOutput(rows, stats)
 
         ids = [encoded[i].ids for i in good]
+        start = time.perf_counter()
         if self.adapter is not None:
-            generated, reasons = self._generate_native(ids, plan, sampling, stats)
+            generated, reasons, finished_at = self._generate_native(ids, plan, sampling, stats)
         else:
             generated, reasons = generic.generate(self.model, ids, plan, sampling, self, stats)
-        for i, prompt_ids, new_ids, reason in zip(good, ids, generated, reasons, strict=True):
+            finished_at = [time.perf_counter()] * len(ids)
+        for i, prompt_ids, new_ids, reason, end in zip(good, ids, generated, reasons, finished_at, strict=True):
             row = rows[i]
-            row.token_ids, row.finish_reason = new_ids, reason
+            row.token_ids, row.finish_reason, row.latency_s = new_ids, reason, end - start
             row.num_input_tokens, row.num_generated_tokens = len(prompt_ids), len(new_ids)
             row.text = self.text(new_ids, sampling.stop)
         stats.num_input_tokens = sum(len(x) for x in ids)
@@ -106,7 +108,8 @@ class Engine:
     @torch.inference_mode()
     def _generate_native(
         self, prompts: list[list[int]], plan: SkipPlan, sampling: SamplingParams, stats: GenerationStats
-    ) -> tuple[list[list[int]], list[str]]:
+    ) -> tuple[list[list[int]], list[str], list[float]]:
+        """New tokens, finish reason and finish time per prompt."""
         ad, dev = self.adapter, self.device
         batch = len(prompts)
         lengths = [len(p) for p in prompts]
@@ -136,6 +139,7 @@ class Engine:
 
         generated: list[list[int]] = [[] for _ in prompts]
         reasons = ["length"] * batch
+        finished_at = [0.0] * batch
         active = list(range(batch))  # original row index of each live cache row
         col = prompt_len  # the cache column the next fed token is written to
         t0 = time.perf_counter()
@@ -147,7 +151,7 @@ class Engine:
                 if reason is None:
                     survivors.append(slot)
                 else:
-                    reasons[r] = reason
+                    reasons[r], finished_at[r] = reason, time.perf_counter()
             if not survivors:
                 break
             if len(survivors) < len(active):
@@ -162,9 +166,10 @@ class Engine:
             tokens = next_tokens(ad.logits(hidden[:, -1]), sampling, generators)
             col += 1
             stats.decode_steps += 1
+            stats.decode_row_steps += len(active)
         stats.decode_s = time.perf_counter() - t0
         stats.decode_layers_per_token = float(plan.num_kept)
-        return generated, reasons
+        return generated, reasons, finished_at
 
     def _layers(
         self,

@@ -154,4 +154,5 @@ def generate(
         hit_stop = find_stop(engine.decode(ids), sampling.stop) is not None
         reasons.append("stop" if hit_eos or hit_stop else "length")
     stats.decode_steps = new.shape[1] - 1
+    stats.decode_row_steps = sum(max(0, len(g) - 1) for g in generated)
     return generated, reasons

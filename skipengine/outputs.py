@@ -14,6 +14,7 @@ class RowResult:
     num_input_tokens: int = 0
     num_generated_tokens: int = 0
     truncated: bool = False  # the prompt was cut to fit the context window (on_too_long="truncate")
+    latency_s: float = 0.0  # from the start of the call until this row finished
 
     @property
     def ok(self) -> bool:
@@ -29,6 +30,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0
+    decode_row_steps: int = 0  # live rows summed over decode steps (finished rows leave the batch)
     prefill_layers_per_token: float = 0.0
     decode_layers_per_token: float = 0.0
     predicted_speedup: float = 1.0

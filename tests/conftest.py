@@ -67,3 +67,12 @@ def prompts(tokenizer):
         "And the earth was without form, and void; and darkness",
     ]
     return [tokenizer(t)["input_ids"] for t in texts]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """The tiny Llama saved as an HF folder, as a user's local model would be."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,129 @@
+"""The job's configuration as dataclasses. Hydra composes conf/ onto these schemas, so an unknown key or a
+wrongly typed value fails before anything starts; `validate` checks what types cannot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING
+
+from skipengine.plan import BASES, PREFILL_MODES, STRATEGIES
+
+FORMATS = ("auto", "parquet", "jsonl", "csv", "hf_disk")
+OUTPUT_MODES = ("resume", "overwrite", "error")
+CLUSTER_KINDS = ("local", "existing")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name for run folders
+    spec: str = MISSING  # a named default, a local HF folder, or a hub id
+    device: str = "cpu"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    input_column: str = "text"
+    reference_column: str | None = None
+    # {input} is replaced by the row's text; sent as the user turn of the chat template where the model
+    # has one, as plain text otherwise
+    template: str = "{input}"
+    system: str | None = None
+    chat: bool = True
+    max_new_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    on_too_long: str = "error"  # or "truncate": keep the prompt's last tokens and flag the row
+
+
+@dataclass
+class SkipConfig:
+    strategy: str = "none"
+    target_speedup: float = 1.0
+    basis: str = "layers"
+    prefill: str = "full"
+    seed: int = 0
+    # calibrate a full-depth cost model in each actor, so per-batch stats report the achieved speedup
+    measure_achieved: bool = True
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    path: str = MISSING  # a file or a folder of files
+    format: str = "auto"
+    id_column: str | None = None  # else a content hash of the input columns
+    keep_columns: list[str] = field(default_factory=list)  # input columns copied to the outputs
+    limit: int | None = None
+    drop_duplicates: bool = False  # without an id column, identical rows are refused unless this is set
+
+
+@dataclass
+class ClusterConfig:
+    kind: str = "local"
+    address: str | None = None  # kind=existing: "auto" or "ray://host:10001"
+    num_actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 0.5  # fractional locally: whole CPUs per actor deadlock Ray on 2 cores
+    threads_per_actor: int = 2  # torch threads inside each actor
+    batch_size: int = 8
+    local_num_cpus: int | None = None  # kind=local: CPUs Ray may use (default: all)
+    max_batch_retries: int = 1
+
+
+@dataclass
+class OutputConfig:
+    dir: str = MISSING
+    mode: str = "resume"
+    price_per_device_hour: float = 0.0  # for cost per 1M generated tokens
+    progress_every_s: float = 30.0  # log-line interval when stdout is not a terminal
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    skip: SkipConfig = field(default_factory=SkipConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{key}={value!r} is not valid; use one of: {', '.join(valid)}")
+
+
+def validate(cfg: JobConfig) -> None:
+    """Value checks that types cannot express; every message names the key and what would be valid."""
+    _choice("skip.strategy", cfg.skip.strategy, STRATEGIES)
+    _choice("skip.basis", cfg.skip.basis, BASES)
+    _choice("skip.prefill", cfg.skip.prefill, PREFILL_MODES)
+    _choice("data.format", cfg.data.format, FORMATS)
+    _choice("output.mode", cfg.output.mode, OUTPUT_MODES)
+    _choice("cluster.kind", cfg.cluster.kind, CLUSTER_KINDS)
+    _choice("task.on_too_long", cfg.task.on_too_long, ("error", "truncate"))
+    if cfg.skip.target_speedup < 1:
+        raise ValueError(f"skip.target_speedup={cfg.skip.target_speedup} must be >= 1.0 (1.0 = full depth)")
+    if "{input}" not in cfg.task.template:
+        raise ValueError(f"task.template={cfg.task.template!r} must contain {{input}} where the row's text goes")
+    if cfg.task.max_new_tokens < 1:
+        raise ValueError(f"task.max_new_tokens={cfg.task.max_new_tokens} must be >= 1")
+    if cfg.cluster.num_actors < 1 or cfg.cluster.batch_size < 1:
+        raise ValueError("cluster.num_actors and cluster.batch_size must be >= 1")
+    if cfg.cluster.cpus_per_actor <= 0 and cfg.cluster.gpus_per_actor <= 0:
+        raise ValueError("cluster.cpus_per_actor must be > 0 (fractional is fine, e.g. 0.5)")
+    if cfg.cluster.kind == "existing" and not cfg.cluster.address:
+        raise ValueError("cluster.kind=existing needs cluster.address: 'auto' or 'ray://host:10001'")
+    if cfg.data.limit is not None and cfg.data.limit < 1:
+        raise ValueError(f"data.limit={cfg.data.limit} must be >= 1, or null for every row")
+    if not Path(cfg.data.path).expanduser().exists():
+        raise FileNotFoundError(f"data.path={cfg.data.path!r} does not exist; point it at a file or a folder")
+    if cfg.model.device.startswith("cuda") and cfg.cluster.gpus_per_actor <= 0:
+        raise ValueError("model.device=cuda needs cluster.gpus_per_actor > 0 so Ray gives each actor a GPU")

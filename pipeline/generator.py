@@ -1,0 +1,174 @@
+"""The generator actor: one loaded model and plan per actor; one call per batch.
+
+Each call writes its output rows itself, as one Parquet file named from the batch's ids and moved into
+place atomically (a retried batch replaces its own file instead of adding a second), and returns one
+stats row to the driver. A bad row becomes an error row; a batch that fails is retried, then split, so
+that only rows that really fail are marked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.config import JobConfig
+from pipeline.prompts import PromptBuilder
+from pipeline.sources import ID
+from skipengine import Engine, GenerationStats, RowResult, SamplingParams, load_model, make_plan
+from skipengine.calibrate import achieved_decode_speedup, measure_cost_model
+
+log = logging.getLogger(__name__)
+
+OUTPUT_SCHEMA = [
+    (ID, pa.string()),
+    ("prompt", pa.string()),
+    ("generated_text", pa.string()),
+    ("num_input_tokens", pa.int64()),
+    ("num_generated_tokens", pa.int64()),
+    ("finish_reason", pa.string()),
+    ("error", pa.string()),
+    ("truncated", pa.bool_()),
+    ("latency_s", pa.float64()),
+    ("plan", pa.string()),
+    ("model", pa.string()),
+    ("actor", pa.string()),
+    ("node", pa.string()),
+    ("batch_id", pa.string()),
+]
+
+
+def build_plan(cfg: JobConfig, engine: Engine) -> tuple:
+    """(plan, cost models). Cost models are measured when the plan or the stats need them."""
+    skip, batch = cfg.skip, cfg.cluster.batch_size
+    costs = []
+    if skip.strategy != "none" and (skip.basis == "measured" or skip.measure_achieved):
+        costs.append(measure_cost_model(engine, batch, steps=12, repeats=2))
+        if batch > 1 and skip.measure_achieved:
+            costs.append(measure_cost_model(engine, 1, steps=12, repeats=2))
+    plan = make_plan(
+        engine.num_layers, skip.strategy, skip.target_speedup, skip.prefill, skip.basis,
+        cost_model=costs[0] if costs else None, seed=skip.seed,
+    )
+    return plan, costs
+
+
+class Generator:
+    def __init__(self, cfg: JobConfig, outputs_dir: str):
+        torch.set_num_threads(cfg.cluster.threads_per_actor)
+        self.cfg = cfg
+        self.outputs_dir = Path(outputs_dir)
+        model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code)
+        self.engine = Engine(model, tokenizer)
+        self.plan, self.costs = build_plan(cfg, self.engine)
+        self.prompts = PromptBuilder(cfg.task, tokenizer)
+        task = cfg.task
+        self.sampling = SamplingParams(
+            max_new_tokens=task.max_new_tokens, temperature=task.temperature, top_p=task.top_p, seed=task.seed,
+            stop=tuple(task.stop),
+        )
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
+        try:
+            import ray
+
+            self.node = ray.get_runtime_context().get_node_id()
+        except Exception:  # outside Ray (the bare-engine benchmark)
+            self.node = socket.gethostname()
+        log.info("actor %s ready: %s", self.actor, self.plan)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        rows = batch.to_pylist()
+        prompts = [self.prompts.build(row.get(self.cfg.task.input_column)) for row in rows]
+        results = [RowResult(error=p.error) for p in prompts]
+        ready = [i for i, p in enumerate(prompts) if p.ids is not None]
+        generated, stats = self._generate_splitting([prompts[i].ids for i in ready])
+        for i, result in zip(ready, generated, strict=True):
+            results[i] = result
+
+        ids = [str(row[ID]) for row in rows]
+        batch_id = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+        self._write(batch_id, rows, prompts, results)
+        return pa.Table.from_pylist([self._stats_row(batch_id, results, stats, time.perf_counter() - start)])
+
+    def _generate_splitting(self, prompt_ids: list[list[int]]) -> tuple[list[RowResult], list[GenerationStats]]:
+        """Generate; on failure retry, then split in halves until the failing rows are isolated."""
+        if not prompt_ids:
+            return [], []
+        error = None
+        for _ in range(1 + self.cfg.cluster.max_batch_retries):
+            try:
+                out = self.engine.generate(prompt_ids, self.plan, self.sampling, self.cfg.task.on_too_long)
+                return out.rows, [out.stats]
+            except Exception as e:  # an engine failure (OOM, a kernel error): isolate it, never kill the job
+                error = e
+                log.warning("batch of %d rows failed: %s: %s", len(prompt_ids), type(e).__name__, e)
+        if len(prompt_ids) == 1:
+            return [RowResult(error=f"generation failed: {type(error).__name__}: {error}")], []
+        mid = len(prompt_ids) // 2
+        left, left_stats = self._generate_splitting(prompt_ids[:mid])
+        right, right_stats = self._generate_splitting(prompt_ids[mid:])
+        return left + right, left_stats + right_stats
+
+    def _write(self, batch_id: str, rows: list[dict], prompts: list, results: list[RowResult]) -> None:
+        keep = [c for c in self.cfg.data.keep_columns if c != ID]
+        if self.cfg.task.reference_column and self.cfg.task.reference_column not in keep:
+            keep.append(self.cfg.task.reference_column)
+        plan_text, model = str(self.plan), self.cfg.model.spec
+        columns: dict[str, list] = {name: [] for name, _ in OUTPUT_SCHEMA}
+        for row, prompt, res in zip(rows, prompts, results, strict=True):
+            values = (
+                str(row[ID]), prompt.text, res.text if res.ok else None, res.num_input_tokens,
+                res.num_generated_tokens, res.finish_reason, res.error, res.truncated, res.latency_s,
+                plan_text, model, self.actor, self.node, batch_id,
+            )
+            for (name, _), value in zip(OUTPUT_SCHEMA, values, strict=True):
+                columns[name].append(value)
+        table = pa.table({name: pa.array(columns[name], kind) for name, kind in OUTPUT_SCHEMA})
+        for name in keep:
+            table = table.append_column(name, pa.array([row.get(name) for row in rows]))
+        final = self.outputs_dir / f"part-{batch_id}.parquet"
+        tmp = self.outputs_dir / f".tmp-{batch_id}-{uuid.uuid4().hex[:8]}.parquet"
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)  # atomic: readers see the whole batch or none of it
+
+    def _stats_row(self, batch_id: str, results: list[RowResult], stats: list[GenerationStats], wall: float):
+        prefill = sum(s.prefill_s for s in stats)
+        decode = sum(s.decode_s for s in stats)
+        tokens_out = sum(r.num_generated_tokens for r in results)
+        merged = GenerationStats(
+            decode_s=decode, decode_steps=sum(s.decode_steps for s in stats),
+            decode_row_steps=sum(s.decode_row_steps for s in stats),
+        )
+        achieved = achieved_decode_speedup(self.costs, merged) if len(self.costs) > 0 else None
+        if self.plan.is_full_depth:
+            achieved = 1.0
+        return {
+            "batch_id": batch_id,
+            "actor": self.actor,
+            "node": self.node,
+            "device": str(self.engine.device),
+            "rows": len(results),
+            "rows_ok": sum(r.ok for r in results),
+            "rows_error": sum(not r.ok for r in results),
+            "tokens_in": sum(r.num_input_tokens for r in results),
+            "tokens_out": tokens_out,
+            "prefill_s": prefill,
+            "decode_s": decode,
+            "wall_s": wall,
+            "tokens_per_s": tokens_out / wall if wall > 0 else 0.0,
+            "prefill_layers_per_token": float(len(self.plan.prefill_layers)),
+            "decode_layers_per_token": float(self.plan.num_kept),
+            "target_speedup": self.plan.target_speedup,
+            "predicted_speedup": self.plan.predicted_speedup,
+            "achieved_decode_speedup": achieved,
+            "plan": str(self.plan),
+        }

@@ -1,0 +1,193 @@
+"""The batch-generation job: read -> ids -> skip what is done -> generator actors -> outputs, stats, summary.
+
+Every input row ends with exactly one output row: the run finishes by comparing the output ids with the
+input ids, writes the verdict into the summary, and fails loudly on any difference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from transformers import AutoConfig
+
+from pipeline import sources
+from pipeline.config import JobConfig, validate
+from pipeline.generator import Generator
+from pipeline.progress import Progress
+from pipeline.rundir import RunDir
+from skipengine import load
+from skipengine.plan import make_plan
+
+log = logging.getLogger("skipengine.job")
+
+
+def start_ray(cfg: JobConfig) -> bool:
+    """Connects to or starts Ray; True when this call started it (and so should stop it)."""
+    if ray.is_initialized():
+        return False
+    if cfg.cluster.kind == "local":
+        ray.init(num_cpus=cfg.cluster.local_num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    else:
+        import pipeline
+        import skipengine
+
+        # ship this code to the cluster's workers, which may not have it installed
+        ray.init(address=cfg.cluster.address, runtime_env={"py_modules": [pipeline, skipengine]})
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # `limit` and ids then mean the same rows every run
+    ctx.enable_progress_bars = False  # our own progress reports rows and tokens/s
+    return True
+
+
+def check_plan_up_front(cfg: JobConfig) -> None:
+    """A plan the model cannot take fails here, before actors load anything (basis=measured is checked
+    by the actors, after they measure their device)."""
+    if cfg.skip.strategy == "none" or cfg.skip.basis == "measured":
+        return
+    config = AutoConfig.from_pretrained(load.resolve(cfg.model.spec), trust_remote_code=cfg.model.trust_remote_code)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "decoder_layers", None)
+    if layers:
+        make_plan(layers, cfg.skip.strategy, cfg.skip.target_speedup, cfg.skip.prefill, "layers", seed=cfg.skip.seed)
+
+
+def drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
+    return batch.filter(pc.invert(pc.is_in(batch.column(sources.ID), value_set=done)))
+
+
+def run_job(cfg: JobConfig) -> dict:
+    validate(cfg)
+    check_plan_up_front(cfg)
+    run = RunDir(cfg.output.dir)
+    config = asdict(cfg)
+    started_ray = start_ray(cfg)
+    try:
+        ds = sources.read(cfg.data)
+        sources.check_columns(ds, cfg.data, cfg.task)
+        ds = sources.with_ids(ds, cfg.data).materialize()  # read once: the manifest and the work share it
+        input_ids = sources.input_ids(ds, cfg.data)
+        run.prepare(cfg.output.mode, config)
+        done = run.output_ids()
+        unexpected = set(done) - set(input_ids)
+        if unexpected:
+            raise ValueError(
+                f"output.dir={cfg.output.dir!r} has {len(unexpected)} output rows whose ids are not in this "
+                "corpus (was data.path or data.limit changed?); use another output.dir or output.mode=overwrite"
+            )
+        pending = len(input_ids) - len(done)
+        log.info("%d input rows, %d already done, %d to generate", len(input_ids), len(done), pending)
+        start = time.perf_counter()
+        stats_rows = generate(ds, done, pending, cfg, run) if pending else []
+        wall = time.perf_counter() - start
+        summary = summarize(cfg, run, input_ids, len(done), stats_rows, wall)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    if not summary["ids_check"]["ok"]:
+        raise RuntimeError(f"output ids do not match input ids: {summary['ids_check']}; see {run.summary}")
+    return summary
+
+
+def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunDir) -> list[dict]:
+    if done:
+        ds = ds.map_batches(drop_done, fn_kwargs={"done": pa.array(sorted(done), pa.string())}, batch_format="pyarrow")
+    cluster = cfg.cluster
+    results = ds.map_batches(
+        Generator,
+        fn_constructor_kwargs={"cfg": cfg, "outputs_dir": str(run.outputs.resolve())},
+        batch_size=cluster.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cluster.num_actors),
+        num_cpus=cluster.cpus_per_actor,
+        num_gpus=cluster.gpus_per_actor or None,
+    )
+    progress = Progress(pending, cfg.output.progress_every_s)
+    stats_rows = []
+    try:
+        for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                stats_rows.append(row)
+                progress.update(row["rows"], row["tokens_out"])
+    finally:
+        progress.close()
+        if stats_rows:  # what finished is recorded even when the run is interrupted
+            name = f"part-{time.strftime('%Y%m%d-%H%M%S')}-{len(stats_rows)}.parquet"
+            pq.write_table(pa.Table.from_pylist(stats_rows), run.stats / name)
+    return stats_rows
+
+
+def summarize(cfg: JobConfig, run: RunDir, input_ids: list[str], resumed: int, stats: list[dict], wall: float) -> dict:
+    counts = run.output_ids()
+    missing = set(input_ids) - set(counts)
+    duplicated = [i for i, n in counts.items() if n > 1]
+    unexpected = set(counts) - set(input_ids)
+    outputs = pa.concat_tables(
+        pq.read_table(p, columns=["error", "num_input_tokens", "num_generated_tokens"])
+        for p in sorted(run.outputs.glob("part-*.parquet"))
+    ) if counts else None
+    errored = outputs.column("error").null_count if outputs is not None else 0
+    tokens_now = sum(r["tokens_out"] for r in stats)
+    device_hours = wall * cfg.cluster.num_actors / 3600
+    decode_s = sum(r["decode_s"] for r in stats)
+    achieved = [(r["achieved_decode_speedup"], r["decode_s"]) for r in stats if r["achieved_decode_speedup"]]
+    summary = {
+        "output_dir": str(run.path),
+        "model": cfg.model.spec,
+        "plan": stats[0]["plan"] if stats else None,
+        "rows_in": len(input_ids),
+        "rows_out": sum(counts.values()),
+        "rows_ok": (len(outputs) - errored) if outputs is not None else 0,
+        "rows_error": errored,
+        "rows_resumed": resumed,
+        "rows_generated_now": sum(r["rows"] for r in stats),
+        "tokens_in": int(pc.sum(outputs.column("num_input_tokens")).as_py() or 0) if outputs is not None else 0,
+        "tokens_out": int(pc.sum(outputs.column("num_generated_tokens")).as_py() or 0) if outputs is not None else 0,
+        "tokens_out_now": tokens_now,
+        "wall_s": wall,
+        "tokens_per_s": tokens_now / wall if wall > 0 else 0.0,
+        "num_actors": cfg.cluster.num_actors,
+        "device_hours": device_hours,
+        "price_per_device_hour": cfg.output.price_per_device_hour,
+        "cost_per_1m_tokens": (
+            cfg.output.price_per_device_hour * device_hours / (tokens_now / 1e6) if tokens_now else None
+        ),
+        "target_speedup": cfg.skip.target_speedup,
+        "predicted_speedup": stats[0]["predicted_speedup"] if stats else None,
+        "achieved_decode_speedup": (
+            sum(a * d for a, d in achieved) / sum(d for _, d in achieved) if achieved else None
+        ),
+        "decode_s": decode_s,
+        "ids_check": {
+            "ok": not missing and not duplicated and not unexpected,
+            "missing": len(missing),
+            "duplicated": len(duplicated),
+            "unexpected": len(unexpected),
+        },
+    }
+    run.summary.write_text(json.dumps(summary, indent=2))
+    flat = {k: v for k, v in summary.items() if k != "ids_check"} | {f"ids_{k}": v for k, v in summary["ids_check"].items()}
+    pq.write_table(pa.Table.from_pylist([flat]), run.path / "summary.parquet")
+    return summary
+
+
+def human_summary(summary: dict) -> str:
+    check = "all input ids have exactly one output row" if summary["ids_check"]["ok"] else "ID MISMATCH"
+    speed = summary["achieved_decode_speedup"]
+    lines = [
+        f"rows: {summary['rows_in']} in, {summary['rows_ok']} ok, {summary['rows_error']} errored "
+        f"({summary['rows_resumed']} done by an earlier run) — {check}",
+        f"generated {summary['tokens_out_now']} tokens in {summary['wall_s']:.1f}s "
+        f"({summary['tokens_per_s']:.1f} tok/s, {summary['device_hours']:.4f} device-hours)",
+        f"plan: {summary['plan']}",
+        f"decode speedup: target {summary['target_speedup']:g}x, achieved "
+        + (f"{speed:.2f}x" if speed else "n/a"),
+        f"results: {Path(summary['output_dir']).resolve()}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""The run folder: outputs/ and stats/ Parquet, summary.json (+ Parquet twin) and config.yaml.
+
+A folder is only ever continued by the same job: resuming with a different model, task, plan or corpus
+would mix results, so it is refused. Overwriting happens only when output.mode=overwrite says so.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+ARTIFACTS = ("outputs", "stats", "summary.json", "summary.parquet", "config.yaml", "metrics.json")
+SAME_JOB_KEYS = ("model", "task", "skip", "data")  # what makes the outputs what they are
+# data.limit may grow: the rows already done stay valid (a shrinking limit is refused by the id check)
+MAY_CHANGE = {("data", "limit")}
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self.outputs = self.path / "outputs"
+        self.stats = self.path / "stats"
+        self.config = self.path / "config.yaml"
+        self.summary = self.path / "summary.json"
+
+    def has_results(self) -> bool:
+        return self.outputs.exists() and any(self.outputs.glob("part-*.parquet"))
+
+    def prepare(self, mode: str, config: dict) -> None:
+        """Create or continue the folder under output.mode; never touch results the mode does not allow."""
+        if self.has_results() or self.config.exists():
+            if mode == "error":
+                raise FileExistsError(
+                    f"output.dir={str(self.path)!r} already holds a run; set output.mode=resume to continue "
+                    "it, output.mode=overwrite to replace it, or choose another output.dir"
+                )
+            if mode == "overwrite":
+                for name in ARTIFACTS:
+                    target = self.path / name
+                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            elif self.config.exists():
+                self._check_same_job(config)
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        self.stats.mkdir(parents=True, exist_ok=True)
+        for stale in self.outputs.glob(".tmp-*"):  # a writer killed mid-file; its batch will be redone
+            stale.unlink()
+        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def _check_same_job(self, config: dict) -> None:
+        before = yaml.safe_load(self.config.read_text()) or {}
+        changed = [
+            f"{group}.{key}: {before.get(group, {}).get(key)!r} -> {config[group].get(key)!r}"
+            for group in SAME_JOB_KEYS
+            for key in sorted(set(config[group]) | set(before.get(group, {})))
+            if before.get(group, {}).get(key) != config[group].get(key) and (group, key) not in MAY_CHANGE
+        ]
+        if changed:
+            raise ValueError(
+                f"output.dir={str(self.path)!r} holds results of a different job ({'; '.join(changed)}); "
+                "use another output.dir, or output.mode=overwrite to replace them"
+            )
+
+    def output_ids(self) -> Counter:
+        """How many output rows each id has (more than one would be a duplicate)."""
+        counts: Counter = Counter()
+        for part in sorted(self.outputs.glob("part-*.parquet")):
+            counts.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
+        return counts

@@ -1,0 +1,111 @@
+"""Reading a corpus with Ray Data and giving every row a stable id.
+
+The id is the configured id column, or else a content hash of the whole row, so a rerun over the same
+corpus finds the same ids (resume relies on it). Ids must be unique: a repeated id value or two
+identical rows without an id column stop the job before any actor starts, naming the rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from pipeline.config import DataConfig, TaskConfig
+
+EXTENSIONS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
+ID = "id"
+
+
+def detect_format(path: Path) -> tuple[str, list[str]]:
+    """(format, files) for a file, a folder of files, or a folder saved by datasets.save_to_disk."""
+    if path.is_dir() and (path / "state.json").exists() and (path / "dataset_info.json").exists():
+        return "hf_disk", [str(path)]
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.suffix in EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(
+            f"data.path={str(path)!r} holds no .parquet, .jsonl, .json or .csv file, nor a dataset saved "
+            "with datasets.save_to_disk"
+        )
+    formats = {EXTENSIONS[p.suffix] for p in files}
+    if len(formats) > 1:
+        raise ValueError(f"data.path={str(path)!r} mixes formats {sorted(formats)}; give one format per run")
+    return formats.pop(), [str(p) for p in files]
+
+
+def read(cfg: DataConfig) -> ray.data.Dataset:
+    path = Path(cfg.path).expanduser().resolve()
+    fmt, files = detect_format(path)
+    if cfg.format != "auto" and cfg.format != fmt:
+        raise ValueError(f"data.format={cfg.format!r} but data.path={cfg.path!r} holds {fmt}")
+    if fmt == "parquet":
+        ds = ray.data.read_parquet(files)
+    elif fmt == "jsonl":
+        ds = ray.data.read_json(files, lines=True)
+    elif fmt == "csv":
+        ds = ray.data.read_csv(files)
+    else:
+        import datasets  # only this source needs it
+
+        ds = ray.data.from_arrow(datasets.load_from_disk(str(path)).data.table)
+    return ds.limit(cfg.limit) if cfg.limit else ds
+
+
+def check_columns(ds: ray.data.Dataset, data: DataConfig, task: TaskConfig) -> list[str]:
+    """The corpus's columns; every column the config names must be among them."""
+    columns = list(ds.schema().names)
+    wanted = {"task.input_column": task.input_column, "data.id_column": data.id_column}
+    wanted |= {"task.reference_column": task.reference_column}
+    wanted |= {f"data.keep_columns[{i}]": c for i, c in enumerate(data.keep_columns)}
+    for key, column in wanted.items():
+        if column is not None and column not in columns:
+            raise ValueError(f"{key}={column!r} is not a column of {data.path}; its columns are {columns}")
+    return columns
+
+
+def content_id(row: dict) -> str:
+    blob = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:20]
+
+
+def assign_ids(batch: pa.Table, id_column: str | None) -> pa.Table:
+    """map_batches: adds the `id` column (string) from the id column or a content hash of the row."""
+    if id_column is not None:
+        ids = pc.cast(batch.column(id_column), pa.string())
+    else:
+        ids = pa.array([content_id(row) for row in batch.to_pylist()], pa.string())
+    if ID in batch.column_names:
+        batch = batch.drop_columns([ID])
+    return batch.append_column(ID, ids)
+
+
+def with_ids(ds: ray.data.Dataset, data: DataConfig) -> ray.data.Dataset:
+    return ds.map_batches(assign_ids, fn_kwargs={"id_column": data.id_column}, batch_format="pyarrow")
+
+
+def input_ids(ds: ray.data.Dataset, data: DataConfig) -> list[str]:
+    """Every row's id, in order; refuses null or repeated ids with the rows that share them."""
+    ids: list[str | None] = []
+    for batch in ds.select_columns([ID]).iter_batches(batch_format="pyarrow", batch_size=65536):
+        ids.extend(batch.column(ID).to_pylist())
+    if None in ids:
+        raise ValueError(f"data.id_column={data.id_column!r} is null at row {ids.index(None)}; every row needs an id")
+    repeated = [i for i, n in Counter(ids).items() if n > 1]
+    if repeated:
+        first = repeated[0]
+        rows = [n for n, i in enumerate(ids) if i == first][:5]
+        if data.id_column:
+            raise ValueError(
+                f"data.id_column={data.id_column!r} is not unique: {first!r} is the id of rows {rows} "
+                f"({len(repeated)} repeated ids in all); choose a unique column, or drop it to use content hashes"
+            )
+        raise ValueError(
+            f"rows {rows} of {data.path} are identical ({len(repeated)} repeated rows in all), so their content "
+            "hashes collide; give each row a unique id column (data.id_column) or remove the duplicates"
+        )
+    return ids  # type: ignore[return-value]

@@ -1,0 +1,178 @@
+"""The Ray Data job on a tiny local model: sources, bad rows, validation, resume, per-batch stats."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from pipeline.rundir import RunDir
+from pipeline.run import run_job
+from pipeline_helpers import corpus_rows, job, write_jsonl
+from skipengine import Engine, SamplingParams, load_model, make_plan
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    yield
+    ray.shutdown()
+
+
+def outputs(run_dir) -> list[dict]:
+    table = pa.concat_tables(pq.read_table(p) for p in sorted((run_dir / "outputs").glob("part-*.parquet")))
+    return sorted(table.to_pylist(), key=lambda r: r["id"])
+
+
+def test_jsonl_job_matches_the_bare_engine(tmp_path, tiny_model_dir):
+    rows = corpus_rows(10)
+    cfg = job(tiny_model_dir, write_jsonl(tmp_path / "c.jsonl", rows), tmp_path / "run", data={"keep_columns": ["text"]})
+    summary = run_job(cfg)
+    out = outputs(tmp_path / "run")
+    assert [r["id"] for r in out] == [r["doc"] for r in rows]
+    assert summary["ids_check"]["ok"] and summary["rows_ok"] == 10 and summary["rows_error"] == 0
+    assert all(r["error"] is None and r["finish_reason"] in ("stop", "length") for r in out)
+    assert out[0]["text"] == rows[0]["text"] and out[0]["plan"].startswith("uniform")
+
+    model, tok = load_model(str(tiny_model_dir))
+    engine = Engine(model, tok)
+    plan = make_plan(8, "uniform", 2.0, basis="layers")
+    expected = engine.generate([r["text"] for r in rows], plan, SamplingParams(max_new_tokens=6)).rows
+    assert [r["generated_text"] for r in out] == [e.text for e in expected]
+
+    stats = pq.read_table(next((tmp_path / "run" / "stats").glob("*.parquet"))).to_pylist()
+    assert sum(s["rows"] for s in stats) == 10 and len(stats) == 3  # batches of 4, 4, 2
+    assert all(s["decode_layers_per_token"] == 4 and s["prefill_layers_per_token"] == 8 for s in stats)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["rows_in"] == 10 and (tmp_path / "run" / "summary.parquet").exists()
+    assert (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "hf_disk", "folder"])
+def test_every_source_format_gives_the_same_outputs(tmp_path, tiny_model_dir, fmt):
+    rows = corpus_rows(6)
+    table = pa.Table.from_pylist(rows)
+    if fmt == "parquet":
+        path = tmp_path / "c.parquet"
+        pq.write_table(table, path)
+    elif fmt == "csv":
+        path = tmp_path / "c.csv"
+        pacsv.write_csv(table, path)
+    elif fmt == "hf_disk":
+        import datasets
+
+        path = tmp_path / "saved"
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    else:  # a folder of JSONL shards
+        path = tmp_path / "shards"
+        path.mkdir()
+        write_jsonl(path / "a.jsonl", rows[:3])
+        write_jsonl(path / "b.jsonl", rows[3:])
+    reference = tmp_path / "ref"
+    run_job(job(tiny_model_dir, write_jsonl(tmp_path / "ref.jsonl", rows), reference))
+    run_job(job(tiny_model_dir, path, tmp_path / "run"))
+    got = [(r["id"], r["generated_text"]) for r in outputs(tmp_path / "run")]
+    assert got == [(r["id"], r["generated_text"]) for r in outputs(reference)]
+
+
+def test_bad_rows_get_error_rows_and_never_kill_the_job(tmp_path, tiny_model_dir):
+    rows = corpus_rows(4) + [
+        {"doc": "null", "text": None},
+        {"doc": "empty", "text": ""},
+        {"doc": "blank", "text": "   \n"},
+        {"doc": "long", "text": "In the beginning God created the heaven and the earth. " * 40},
+    ]
+    cfg = job(tiny_model_dir, write_jsonl(tmp_path / "c.jsonl", rows), tmp_path / "run")
+    summary = run_job(cfg)
+    out = {r["id"]: r for r in outputs(tmp_path / "run")}
+    assert set(out) == {r["doc"] for r in rows} and summary["ids_check"]["ok"]
+    assert "null" in out["null"]["error"] and "empty" in out["empty"]["error"] and "empty" in out["blank"]["error"]
+    assert "context window" in out["long"]["error"]
+    assert all(out[r["doc"]]["error"] is None for r in rows[:4])
+    assert summary["rows_error"] == 4 and summary["rows_ok"] == 4
+
+    # truncation instead of an error, by option
+    cfg = job(tiny_model_dir, tmp_path / "c.jsonl", tmp_path / "run2", task={"on_too_long": "truncate"})
+    run_job(cfg)
+    long = {r["id"]: r for r in outputs(tmp_path / "run2")}["long"]
+    assert long["error"] is None and long["truncated"]
+
+
+def test_non_text_input_column_fails_rows_not_the_job(tmp_path, tiny_model_dir):
+    path = tmp_path / "nums.parquet"
+    pq.write_table(pa.table({"doc": ["a", "b"], "text": [1, 2]}), path)
+    summary = run_job(job(tiny_model_dir, path, tmp_path / "run"))
+    assert summary["rows_error"] == 2 and all("not text" in r["error"] for r in outputs(tmp_path / "run"))
+
+
+def test_content_hash_ids_are_stable_and_duplicates_are_refused(tmp_path, tiny_model_dir):
+    rows = [{"text": r["text"]} for r in corpus_rows(5)]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    first = run_job(job(tiny_model_dir, path, tmp_path / "a", data={"id_column": None}))
+    again = run_job(job(tiny_model_dir, path, tmp_path / "b", data={"id_column": None}))
+    assert first["ids_check"]["ok"]
+    assert [r["id"] for r in outputs(tmp_path / "a")] == [r["id"] for r in outputs(tmp_path / "b")]
+    assert again["rows_in"] == 5
+    write_jsonl(path, rows + [rows[2]])
+    with pytest.raises(ValueError, match=r"rows \[2, 5\] .* are identical"):
+        run_job(job(tiny_model_dir, path, tmp_path / "c", data={"id_column": None}))
+
+
+@pytest.mark.parametrize(
+    "groups, error, message",
+    [
+        ({"skip": {"strategy": "fast"}}, ValueError, "skip.strategy='fast' is not valid"),
+        ({"skip": {"target_speedup": 9.0}}, ValueError, "the largest target is 4"),
+        ({"task": {"input_column": "body"}}, ValueError, "task.input_column='body' is not a column"),
+        ({"data": {"keep_columns": ["x"]}}, ValueError, r"data.keep_columns\[0\]='x' is not a column"),
+        ({"data": {"path": "/no/such/corpus"}}, FileNotFoundError, "data.path='/no/such/corpus' does not exist"),
+        ({"data": {"id_column": "text", "limit": 0}}, ValueError, "data.limit=0"),
+        ({"output": {"mode": "append"}}, ValueError, "output.mode='append' is not valid"),
+        ({"task": {"template": "no slot"}}, ValueError, "must contain {input}"),
+        ({"cluster": {"kind": "existing", "address": None}}, ValueError, "needs cluster.address"),
+    ],
+)
+def test_bad_config_stops_before_any_actor(tmp_path, tiny_model_dir, groups, error, message):
+    path = write_jsonl(tmp_path / "c.jsonl", corpus_rows(3))
+    with pytest.raises(error, match=message):
+        run_job(job(tiny_model_dir, path, tmp_path / "run", **groups))
+    assert not RunDir(tmp_path / "run").has_results()
+
+
+def test_output_modes_protect_existing_results(tmp_path, tiny_model_dir):
+    path = write_jsonl(tmp_path / "c.jsonl", corpus_rows(4))
+    run_job(job(tiny_model_dir, path, tmp_path / "run"))
+    with pytest.raises(FileExistsError, match="output.mode=resume"):
+        run_job(job(tiny_model_dir, path, tmp_path / "run", output={"mode": "error"}))
+    with pytest.raises(ValueError, match=r"different job \(skip.target_speedup: 2.0 -> 1.5\)"):
+        run_job(job(tiny_model_dir, path, tmp_path / "run", skip={"target_speedup": 1.5}))
+    again = run_job(job(tiny_model_dir, path, tmp_path / "run"))  # resume: nothing left to do
+    assert again["rows_resumed"] == 4 and again["rows_generated_now"] == 0 and again["ids_check"]["ok"]
+    over = run_job(job(tiny_model_dir, path, tmp_path / "run", skip={"target_speedup": 1.5}, output={"mode": "overwrite"}))
+    assert over["rows_resumed"] == 0 and over["rows_generated_now"] == 4
+
+
+def test_resume_generates_only_missing_ids(tmp_path, tiny_model_dir):
+    rows = corpus_rows(10)
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    full = tmp_path / "full"
+    run_job(job(tiny_model_dir, path, full))
+    partial = tmp_path / "partial"
+    run_job(job(tiny_model_dir, path, partial, data={"limit": 4}))
+    # the limit lifted: only the 6 new rows are generated
+    grown = run_job(job(tiny_model_dir, path, partial))
+    assert grown["rows_resumed"] == 4 and grown["rows_generated_now"] == 6
+    assert len(outputs(partial)) == 10 and RunDir(partial).output_ids().most_common(1)[0][1] == 1
+    assert [r["generated_text"] for r in outputs(partial)] == [r["generated_text"] for r in outputs(full)]
+    # a shrunk limit would leave outputs for ids outside the corpus: refused
+    with pytest.raises(ValueError, match="ids are not in this corpus"):
+        run_job(job(tiny_model_dir, path, partial, data={"limit": 2}))
+    # a run folder whose outputs were partly lost: only the lost ids are redone
+    parts = sorted((full / "outputs").glob("part-*.parquet"))
+    parts[0].unlink()
+    summary = run_job(job(tiny_model_dir, path, full))
+    assert summary["rows_generated_now"] == 4 and summary["rows_resumed"] == 6 and summary["ids_check"]["ok"]
+    assert len(outputs(full)) == 10
