@@ -112,7 +112,9 @@ def validate(cfg: JobConfig) -> None:
     if cfg.skip.target_speedup < 1:
         raise ValueError(f"skip.target_speedup={cfg.skip.target_speedup} must be >= 1.0 (1.0 = full depth)")
     if "{input}" not in cfg.task.template:
-        raise ValueError(f"task.template={cfg.task.template!r} must contain {{input}} where the row's text goes")
+        raise ValueError(
+            f"task.template={cfg.task.template!r} must contain {{input}} where the row's text goes"
+        )
     if cfg.task.max_new_tokens < 1:
         raise ValueError(f"task.max_new_tokens={cfg.task.max_new_tokens} must be >= 1")
     if cfg.cluster.num_actors < 1 or cfg.cluster.batch_size < 1:

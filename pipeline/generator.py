@@ -55,8 +55,13 @@ def build_plan(cfg: JobConfig, engine: Engine) -> tuple:
         if batch > 1 and skip.measure_achieved:
             costs.append(measure_cost_model(engine, 1, steps=12, repeats=2))
     plan = make_plan(
-        engine.num_layers, skip.strategy, skip.target_speedup, skip.prefill, skip.basis,
-        cost_model=costs[0] if costs else None, seed=skip.seed,
+        engine.num_layers,
+        skip.strategy,
+        skip.target_speedup,
+        skip.prefill,
+        skip.basis,
+        cost_model=costs[0] if costs else None,
+        seed=skip.seed,
     )
     return plan, costs
 
@@ -66,13 +71,18 @@ class Generator:
         torch.set_num_threads(cfg.cluster.threads_per_actor)
         self.cfg = cfg
         self.outputs_dir = Path(outputs_dir)
-        model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code)
+        model, tokenizer = load_model(
+            cfg.model.spec, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code
+        )
         self.engine = Engine(model, tokenizer)
         self.plan, self.costs = build_plan(cfg, self.engine)
         self.prompts = PromptBuilder(cfg.task, tokenizer)
         task = cfg.task
         self.sampling = SamplingParams(
-            max_new_tokens=task.max_new_tokens, temperature=task.temperature, top_p=task.top_p, seed=task.seed,
+            max_new_tokens=task.max_new_tokens,
+            temperature=task.temperature,
+            top_p=task.top_p,
+            seed=task.seed,
             stop=tuple(task.stop),
         )
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
@@ -99,7 +109,9 @@ class Generator:
         self._write(batch_id, rows, prompts, results)
         return pa.Table.from_pylist([self._stats_row(batch_id, results, stats, time.perf_counter() - start)])
 
-    def _generate_splitting(self, prompt_ids: list[list[int]]) -> tuple[list[RowResult], list[GenerationStats]]:
+    def _generate_splitting(
+        self, prompt_ids: list[list[int]]
+    ) -> tuple[list[RowResult], list[GenerationStats]]:
         """Generate; on failure retry, then split in halves until the failing rows are isolated."""
         if not prompt_ids:
             return [], []
@@ -126,9 +138,20 @@ class Generator:
         columns: dict[str, list] = {name: [] for name, _ in OUTPUT_SCHEMA}
         for row, prompt, res in zip(rows, prompts, results, strict=True):
             values = (
-                str(row[ID]), prompt.text, res.text if res.ok else None, res.num_input_tokens,
-                res.num_generated_tokens, res.finish_reason, res.error, res.truncated, res.latency_s,
-                plan_text, model, self.actor, self.node, batch_id,
+                str(row[ID]),
+                prompt.text,
+                res.text if res.ok else None,
+                res.num_input_tokens,
+                res.num_generated_tokens,
+                res.finish_reason,
+                res.error,
+                res.truncated,
+                res.latency_s,
+                plan_text,
+                model,
+                self.actor,
+                self.node,
+                batch_id,
             )
             for (name, _), value in zip(OUTPUT_SCHEMA, values, strict=True):
                 columns[name].append(value)
@@ -145,7 +168,8 @@ class Generator:
         decode = sum(s.decode_s for s in stats)
         tokens_out = sum(r.num_generated_tokens for r in results)
         merged = GenerationStats(
-            decode_s=decode, decode_steps=sum(s.decode_steps for s in stats),
+            decode_s=decode,
+            decode_steps=sum(s.decode_steps for s in stats),
             decode_row_steps=sum(s.decode_row_steps for s in stats),
         )
         achieved = achieved_decode_speedup(self.costs, merged) if len(self.costs) > 0 else None

@@ -34,7 +34,9 @@ class PromptBuilder:
             if self.chat:
                 messages = [{"role": "system", "content": self.task.system}] if self.task.system else []
                 messages.append({"role": "user", "content": content})
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                text = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
                 ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             else:
                 text = content

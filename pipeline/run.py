@@ -52,10 +52,14 @@ def check_plan_up_front(cfg: JobConfig) -> None:
     by the actors, after they measure their device)."""
     if cfg.skip.strategy == "none" or cfg.skip.basis == "measured":
         return
-    config = AutoConfig.from_pretrained(load.resolve(cfg.model.spec), trust_remote_code=cfg.model.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        load.resolve(cfg.model.spec), trust_remote_code=cfg.model.trust_remote_code
+    )
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "decoder_layers", None)
     if layers:
-        make_plan(layers, cfg.skip.strategy, cfg.skip.target_speedup, cfg.skip.prefill, "layers", seed=cfg.skip.seed)
+        make_plan(
+            layers, cfg.skip.strategy, cfg.skip.target_speedup, cfg.skip.prefill, "layers", seed=cfg.skip.seed
+        )
 
 
 def drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
@@ -69,9 +73,8 @@ def run_job(cfg: JobConfig) -> dict:
     config = asdict(cfg)
     started_ray = start_ray(cfg)
     try:
-        ds = sources.read(cfg.data)
+        ds = sources.read(cfg.data).materialize()  # read once: the checks, the manifest and the work share it
         sources.check_columns(ds, cfg.data, cfg.task)
-        ds = sources.with_ids(ds, cfg.data).materialize()  # read once: the manifest and the work share it
         input_ids = sources.input_ids(ds, cfg.data)
         run.prepare(cfg.output.mode, config)
         done = run.output_ids()
@@ -96,8 +99,11 @@ def run_job(cfg: JobConfig) -> dict:
 
 
 def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunDir) -> list[dict]:
+    ds = sources.with_ids(ds, cfg.data)
     if done:
-        ds = ds.map_batches(drop_done, fn_kwargs={"done": pa.array(sorted(done), pa.string())}, batch_format="pyarrow")
+        ds = ds.map_batches(
+            drop_done, fn_kwargs={"done": pa.array(sorted(done), pa.string())}, batch_format="pyarrow"
+        )
     cluster = cfg.cluster
     results = ds.map_batches(
         Generator,
@@ -123,16 +129,22 @@ def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunD
     return stats_rows
 
 
-def summarize(cfg: JobConfig, run: RunDir, input_ids: list[str], resumed: int, stats: list[dict], wall: float) -> dict:
+def summarize(
+    cfg: JobConfig, run: RunDir, input_ids: list[str], resumed: int, stats: list[dict], wall: float
+) -> dict:
     counts = run.output_ids()
     missing = set(input_ids) - set(counts)
     duplicated = [i for i, n in counts.items() if n > 1]
     unexpected = set(counts) - set(input_ids)
-    outputs = pa.concat_tables(
-        pq.read_table(p, columns=["error", "num_input_tokens", "num_generated_tokens"])
-        for p in sorted(run.outputs.glob("part-*.parquet"))
-    ) if counts else None
-    errored = outputs.column("error").null_count if outputs is not None else 0
+    outputs = (
+        pa.concat_tables(
+            pq.read_table(p, columns=["error", "num_input_tokens", "num_generated_tokens"])
+            for p in sorted(run.outputs.glob("part-*.parquet"))
+        )
+        if counts
+        else None
+    )
+    errored = len(outputs) - outputs.column("error").null_count if outputs is not None else 0  # null = fine
     tokens_now = sum(r["tokens_out"] for r in stats)
     device_hours = wall * cfg.cluster.num_actors / 3600
     decode_s = sum(r["decode_s"] for r in stats)
@@ -147,8 +159,12 @@ def summarize(cfg: JobConfig, run: RunDir, input_ids: list[str], resumed: int, s
         "rows_error": errored,
         "rows_resumed": resumed,
         "rows_generated_now": sum(r["rows"] for r in stats),
-        "tokens_in": int(pc.sum(outputs.column("num_input_tokens")).as_py() or 0) if outputs is not None else 0,
-        "tokens_out": int(pc.sum(outputs.column("num_generated_tokens")).as_py() or 0) if outputs is not None else 0,
+        "tokens_in": int(pc.sum(outputs.column("num_input_tokens")).as_py() or 0)
+        if outputs is not None
+        else 0,
+        "tokens_out": int(pc.sum(outputs.column("num_generated_tokens")).as_py() or 0)
+        if outputs is not None
+        else 0,
         "tokens_out_now": tokens_now,
         "wall_s": wall,
         "tokens_per_s": tokens_now / wall if wall > 0 else 0.0,
@@ -172,7 +188,9 @@ def summarize(cfg: JobConfig, run: RunDir, input_ids: list[str], resumed: int, s
         },
     }
     run.summary.write_text(json.dumps(summary, indent=2))
-    flat = {k: v for k, v in summary.items() if k != "ids_check"} | {f"ids_{k}": v for k, v in summary["ids_check"].items()}
+    flat = {k: v for k, v in summary.items() if k != "ids_check"} | {
+        f"ids_{k}": v for k, v in summary["ids_check"].items()
+    }
     pq.write_table(pa.Table.from_pylist([flat]), run.path / "summary.parquet")
     return summary
 

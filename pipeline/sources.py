@@ -89,12 +89,15 @@ def with_ids(ds: ray.data.Dataset, data: DataConfig) -> ray.data.Dataset:
 
 
 def input_ids(ds: ray.data.Dataset, data: DataConfig) -> list[str]:
-    """Every row's id, in order; refuses null or repeated ids with the rows that share them."""
+    """Every row's id, in order (the same function with_ids applies in the workers); refuses null or
+    repeated ids, naming the rows that share them."""
     ids: list[str | None] = []
-    for batch in ds.select_columns([ID]).iter_batches(batch_format="pyarrow", batch_size=65536):
-        ids.extend(batch.column(ID).to_pylist())
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=65536):
+        ids.extend(assign_ids(batch, data.id_column).column(ID).to_pylist())
     if None in ids:
-        raise ValueError(f"data.id_column={data.id_column!r} is null at row {ids.index(None)}; every row needs an id")
+        raise ValueError(
+            f"data.id_column={data.id_column!r} is null at row {ids.index(None)}; every row needs an id"
+        )
     repeated = [i for i, n in Counter(ids).items() if n > 1]
     if repeated:
         first = repeated[0]

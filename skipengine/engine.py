@@ -94,7 +94,9 @@ class Engine:
         else:
             generated, reasons = generic.generate(self.model, ids, plan, sampling, self, stats)
             finished_at = [time.perf_counter()] * len(ids)
-        for i, prompt_ids, new_ids, reason, end in zip(good, ids, generated, reasons, finished_at, strict=True):
+        for i, prompt_ids, new_ids, reason, end in zip(
+            good, ids, generated, reasons, finished_at, strict=True
+        ):
             row = rows[i]
             row.token_ids, row.finish_reason, row.latency_s = new_ids, reason, end - start
             row.num_input_tokens, row.num_generated_tokens = len(prompt_ids), len(new_ids)

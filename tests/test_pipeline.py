@@ -7,10 +7,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import ray
-
-from pipeline.rundir import RunDir
-from pipeline.run import run_job
 from pipeline_helpers import corpus_rows, job, write_jsonl
+
+from pipeline.run import run_job
+from pipeline.rundir import RunDir
 from skipengine import Engine, SamplingParams, load_model, make_plan
 
 
@@ -29,7 +29,12 @@ def outputs(run_dir) -> list[dict]:
 
 def test_jsonl_job_matches_the_bare_engine(tmp_path, tiny_model_dir):
     rows = corpus_rows(10)
-    cfg = job(tiny_model_dir, write_jsonl(tmp_path / "c.jsonl", rows), tmp_path / "run", data={"keep_columns": ["text"]})
+    cfg = job(
+        tiny_model_dir,
+        write_jsonl(tmp_path / "c.jsonl", rows),
+        tmp_path / "run",
+        data={"keep_columns": ["text"]},
+    )
     summary = run_job(cfg)
     out = outputs(tmp_path / "run")
     assert [r["id"] for r in out] == [r["doc"] for r in rows]
@@ -51,8 +56,15 @@ def test_jsonl_job_matches_the_bare_engine(tmp_path, tiny_model_dir):
     assert (tmp_path / "run" / "config.yaml").exists()
 
 
+@pytest.fixture(scope="module")
+def jsonl_reference(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("reference")
+    run_job(job(tiny_model_dir, write_jsonl(folder / "ref.jsonl", corpus_rows(6)), folder / "run"))
+    return [(r["id"], r["generated_text"]) for r in outputs(folder / "run")]
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "hf_disk", "folder"])
-def test_every_source_format_gives_the_same_outputs(tmp_path, tiny_model_dir, fmt):
+def test_every_source_format_gives_the_same_outputs(tmp_path, tiny_model_dir, jsonl_reference, fmt):
     rows = corpus_rows(6)
     table = pa.Table.from_pylist(rows)
     if fmt == "parquet":
@@ -71,11 +83,8 @@ def test_every_source_format_gives_the_same_outputs(tmp_path, tiny_model_dir, fm
         path.mkdir()
         write_jsonl(path / "a.jsonl", rows[:3])
         write_jsonl(path / "b.jsonl", rows[3:])
-    reference = tmp_path / "ref"
-    run_job(job(tiny_model_dir, write_jsonl(tmp_path / "ref.jsonl", rows), reference))
     run_job(job(tiny_model_dir, path, tmp_path / "run"))
-    got = [(r["id"], r["generated_text"]) for r in outputs(tmp_path / "run")]
-    assert got == [(r["id"], r["generated_text"]) for r in outputs(reference)]
+    assert [(r["id"], r["generated_text"]) for r in outputs(tmp_path / "run")] == jsonl_reference
 
 
 def test_bad_rows_get_error_rows_and_never_kill_the_job(tmp_path, tiny_model_dir):
@@ -89,7 +98,11 @@ def test_bad_rows_get_error_rows_and_never_kill_the_job(tmp_path, tiny_model_dir
     summary = run_job(cfg)
     out = {r["id"]: r for r in outputs(tmp_path / "run")}
     assert set(out) == {r["doc"] for r in rows} and summary["ids_check"]["ok"]
-    assert "null" in out["null"]["error"] and "empty" in out["empty"]["error"] and "empty" in out["blank"]["error"]
+    assert (
+        "null" in out["null"]["error"]
+        and "empty" in out["empty"]["error"]
+        and "empty" in out["blank"]["error"]
+    )
     assert "context window" in out["long"]["error"]
     assert all(out[r["doc"]]["error"] is None for r in rows[:4])
     assert summary["rows_error"] == 4 and summary["rows_ok"] == 4
@@ -128,7 +141,11 @@ def test_content_hash_ids_are_stable_and_duplicates_are_refused(tmp_path, tiny_m
         ({"skip": {"target_speedup": 9.0}}, ValueError, "the largest target is 4"),
         ({"task": {"input_column": "body"}}, ValueError, "task.input_column='body' is not a column"),
         ({"data": {"keep_columns": ["x"]}}, ValueError, r"data.keep_columns\[0\]='x' is not a column"),
-        ({"data": {"path": "/no/such/corpus"}}, FileNotFoundError, "data.path='/no/such/corpus' does not exist"),
+        (
+            {"data": {"path": "/no/such/corpus"}},
+            FileNotFoundError,
+            "data.path='/no/such/corpus' does not exist",
+        ),
         ({"data": {"id_column": "text", "limit": 0}}, ValueError, "data.limit=0"),
         ({"output": {"mode": "append"}}, ValueError, "output.mode='append' is not valid"),
         ({"task": {"template": "no slot"}}, ValueError, "must contain {input}"),
@@ -151,7 +168,11 @@ def test_output_modes_protect_existing_results(tmp_path, tiny_model_dir):
         run_job(job(tiny_model_dir, path, tmp_path / "run", skip={"target_speedup": 1.5}))
     again = run_job(job(tiny_model_dir, path, tmp_path / "run"))  # resume: nothing left to do
     assert again["rows_resumed"] == 4 and again["rows_generated_now"] == 0 and again["ids_check"]["ok"]
-    over = run_job(job(tiny_model_dir, path, tmp_path / "run", skip={"target_speedup": 1.5}, output={"mode": "overwrite"}))
+    over = run_job(
+        job(
+            tiny_model_dir, path, tmp_path / "run", skip={"target_speedup": 1.5}, output={"mode": "overwrite"}
+        )
+    )
     assert over["rows_resumed"] == 0 and over["rows_generated_now"] == 4
 
 
