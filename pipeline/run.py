@@ -82,7 +82,8 @@ def run_job(cfg: JobConfig) -> dict:
         if unexpected:
             raise ValueError(
                 f"output.dir={cfg.output.dir!r} has {len(unexpected)} output rows whose ids are not in this "
-                "corpus (was data.path or data.limit changed?); use another output.dir or output.mode=overwrite"
+                "corpus (was data.path or data.limit changed?); use another output.dir or "
+                "output.mode=overwrite"
             )
         pending = len(input_ids) - len(done)
         log.info("%d input rows, %d already done, %d to generate", len(input_ids), len(done), pending)
@@ -148,7 +149,9 @@ def summarize(
     tokens_now = sum(r["tokens_out"] for r in stats)
     device_hours = wall * cfg.cluster.num_actors / 3600
     decode_s = sum(r["decode_s"] for r in stats)
-    achieved = [(r["achieved_decode_speedup"], r["decode_s"]) for r in stats if r["achieved_decode_speedup"]]
+    achieved = [
+        (r["achieved_decode_speedup_est"], r["decode_s"]) for r in stats if r["achieved_decode_speedup_est"]
+    ]
     summary = {
         "output_dir": str(run.path),
         "model": cfg.model.spec,
@@ -176,7 +179,7 @@ def summarize(
         ),
         "target_speedup": cfg.skip.target_speedup,
         "predicted_speedup": stats[0]["predicted_speedup"] if stats else None,
-        "achieved_decode_speedup": (
+        "achieved_decode_speedup_est": (
             sum(a * d for a, d in achieved) / sum(d for _, d in achieved) if achieved else None
         ),
         "decode_s": decode_s,
@@ -197,14 +200,14 @@ def summarize(
 
 def human_summary(summary: dict) -> str:
     check = "all input ids have exactly one output row" if summary["ids_check"]["ok"] else "ID MISMATCH"
-    speed = summary["achieved_decode_speedup"]
+    speed = summary["achieved_decode_speedup_est"]
     lines = [
         f"rows: {summary['rows_in']} in, {summary['rows_ok']} ok, {summary['rows_error']} errored "
         f"({summary['rows_resumed']} done by an earlier run) — {check}",
         f"generated {summary['tokens_out_now']} tokens in {summary['wall_s']:.1f}s "
         f"({summary['tokens_per_s']:.1f} tok/s, {summary['device_hours']:.4f} device-hours)",
         f"plan: {summary['plan']}",
-        f"decode speedup: target {summary['target_speedup']:g}x, achieved "
+        f"decode speedup: target {summary['target_speedup']:g}x, achieved (estimated from calibration) "
         + (f"{speed:.2f}x" if speed else "n/a"),
         f"results: {Path(summary['output_dir']).resolve()}",
     ]

@@ -105,10 +105,11 @@ def input_ids(ds: ray.data.Dataset, data: DataConfig) -> list[str]:
         if data.id_column:
             raise ValueError(
                 f"data.id_column={data.id_column!r} is not unique: {first!r} is the id of rows {rows} "
-                f"({len(repeated)} repeated ids in all); choose a unique column, or drop it to use content hashes"
+                f"({len(repeated)} repeated ids in all); choose a unique column, or unset it to use content "
+                "hashes"
             )
         raise ValueError(
-            f"rows {rows} of {data.path} are identical ({len(repeated)} repeated rows in all), so their content "
-            "hashes collide; give each row a unique id column (data.id_column) or remove the duplicates"
+            f"rows {rows} of {data.path} are identical ({len(repeated)} repeated rows in all), so their "
+            "content hashes collide; give each row a unique id column (data.id_column) or remove the duplicates"
         )
     return ids  # type: ignore[return-value]

@@ -1,0 +1,95 @@
+"""The Hydra entry point as a user runs it: config errors, multirun, and a driver killed mid-run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from pipeline_helpers import corpus_rows, write_jsonl
+
+from pipeline.rundir import RunDir
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "jobs.generate",
+        "model=local",
+        f"model.spec={model_dir}",
+        "task=complete",
+        "task.input_column=text",
+        "task.max_new_tokens=6",
+        "skip.basis=layers",
+        "skip.measure_achieved=false",
+        "data=files",
+        f"data.path={data}",
+        "data.id_column=doc",
+        "cluster.threads_per_actor=1",
+        f"output.dir={out}",
+        "output.progress_every_s=0",
+        *extra,
+    ]
+
+
+def run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = os.environ | {"RAY_DEDUP_LOGS": "0"}
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=300, **kw)
+
+
+def test_unknown_key_and_bad_value_name_the_key(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "c.jsonl", corpus_rows(2))
+    bad_key = run(cli(tiny_model_dir, data, tmp_path / "a", "skip.speed=2"))
+    assert bad_key.returncode != 0 and "speed" in bad_key.stderr + bad_key.stdout
+    bad_column = run(cli(tiny_model_dir, data, tmp_path / "b", "task.input_column=body"))
+    assert bad_column.returncode == 2
+    assert "task.input_column='body' is not a column" in bad_column.stderr + bad_column.stdout
+    assert not (tmp_path / "b" / "outputs").exists()
+
+
+def test_multirun_gives_one_complete_run_per_value(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "c.jsonl", corpus_rows(4))
+    out = tmp_path / "sweep-x${skip.target_speedup}"
+    args = cli(
+        tiny_model_dir, data, out, f"hydra.sweep.dir={tmp_path}/multirun", "skip.target_speedup=1.0,2.0"
+    )
+    result = run([*args[:3], "-m", *args[3:]])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for value, kept in (("1.0", 8), ("2.0", 4)):
+        summary = json.loads((tmp_path / f"sweep-x{value}" / "summary.json").read_text())
+        assert summary["ids_check"]["ok"] and summary["rows_in"] == 4
+        assert f"keep {kept}/8" in summary["plan"]
+
+
+def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, tiny_model_dir):
+    rows = corpus_rows(40)
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
+    out = tmp_path / "run"
+    args = cli(tiny_model_dir, data, out, "cluster.batch_size=1", "task.max_new_tokens=24")
+    proc = subprocess.Popen(
+        args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "outputs").glob("part-*.parquet"))) < 3:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    written = len(list((out / "outputs").glob("part-*.parquet")))
+    assert 3 <= written < 40, "the kill should land mid-run"
+
+    result = run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ids_check"] == {"ok": True, "missing": 0, "duplicated": 0, "unexpected": 0}
+    assert summary["rows_resumed"] >= 3 and summary["rows_resumed"] + summary["rows_generated_now"] == 40
+    counts = RunDir(out).output_ids()
+    assert sorted(counts) == sorted(r["doc"] for r in rows) and set(counts.values()) == {1}
+    assert not list((out / "outputs").glob(".tmp-*"))
+    texts = pq.read_table(out / "outputs").column("generated_text").to_pylist()
+    assert all(t is not None for t in texts)
