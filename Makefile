@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m jobs.demo
+	$(PY) -m jobs.generate
 
 test: $(STAMP)
 	$(PY) -m ruff check .

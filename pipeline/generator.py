@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import torch
 
 from pipeline.config import JobConfig
@@ -86,12 +87,8 @@ class Generator:
             stop=tuple(task.stop),
         )
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
-        try:
-            import ray
-
-            self.node = ray.get_runtime_context().get_node_id()
-        except Exception:  # outside Ray (the bare-engine benchmark)
-            self.node = socket.gethostname()
+        # inside Ray, the node id; outside (a notebook, a benchmark) asking Ray would start it
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
         log.info("actor %s ready: %s", self.actor, self.plan)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,6 +35,8 @@ def start_ray(cfg: JobConfig) -> bool:
     if ray.is_initialized():
         return False
     if cfg.cluster.kind == "local":
+        # Ray runs workers at nice 15 below its own daemons; on a small machine the actor is the work
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=cfg.cluster.local_num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     else:
         import pipeline
@@ -106,14 +109,21 @@ def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunD
             drop_done, fn_kwargs={"done": pa.array(sorted(done), pa.string())}, batch_format="pyarrow"
         )
     cluster = cfg.cluster
+    # blocks of exactly batch_size rows: batches form within blocks, so ragged blocks mean small batches
+    ds = ds.repartition(target_num_rows_per_block=cluster.batch_size, strict=True)
     results = ds.map_batches(
         Generator,
         fn_constructor_kwargs={"cfg": cfg, "outputs_dir": str(run.outputs.resolve())},
         batch_size=cluster.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cluster.num_actors),
+        # one batch at a time per actor: a queued batch would be sliced in the actor's main thread while
+        # the decode loop (Python-bound op dispatch) runs in the UDF thread, and they share the GIL
+        compute=ray.data.ActorPoolStrategy(size=cluster.num_actors, max_tasks_in_flight_per_actor=1),
         num_cpus=cluster.cpus_per_actor,
         num_gpus=cluster.gpus_per_actor or None,
+        # Ray sets OMP_NUM_THREADS from num_cpus (1 here), and the UDF runs in another thread than
+        # __init__, where torch.set_num_threads does not reach: OpenMP's thread count is per thread
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cluster.threads_per_actor)}},
     )
     progress = Progress(pending, cfg.output.progress_every_s)
     stats_rows = []

@@ -110,6 +110,6 @@ def input_ids(ds: ray.data.Dataset, data: DataConfig) -> list[str]:
             )
         raise ValueError(
             f"rows {rows} of {data.path} are identical ({len(repeated)} repeated rows in all), so their "
-            "content hashes collide; give each row a unique id column (data.id_column) or remove the duplicates"
+            "content hashes collide; give each row a unique id column (data.id_column) or remove duplicates"
         )
     return ids  # type: ignore[return-value]

@@ -1,0 +1,110 @@
+"""python -m jobs.bench_pipeline: generated tokens/s of the bare engine vs the Ray job (one actor), same
+rows, model, plan and batch size, interleaved. Ends with one JSON line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import pyarrow as pa
+import pyarrow.parquet as pq
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from jobs.common import setup
+from pipeline.config import JobConfig
+from pipeline.corpora import read_bible
+from pipeline.prompts import PromptBuilder
+from pipeline.run import run_job
+from skipengine import Engine, SamplingParams, load_model, make_plan
+
+
+@dataclass
+class BenchPipelineConfig(JobConfig):
+    rows: int = 384  # taken from the Bible test range
+    repeats: int = 2
+
+
+ConfigStore.instance().store(name="bench_pipeline_schema", node=BenchPipelineConfig)
+log = logging.getLogger("bench_pipeline")
+TEST_START = 27500
+
+
+def bare_engine_tokens_per_s(engine: Engine, cfg: JobConfig, texts: list[str]) -> float:
+    prompts = PromptBuilder(cfg.task, engine.tokenizer)
+    plan = make_plan(
+        engine.num_layers, cfg.skip.strategy, cfg.skip.target_speedup, cfg.skip.prefill, "layers"
+    )
+    sampling = SamplingParams(max_new_tokens=cfg.task.max_new_tokens, stop=tuple(cfg.task.stop))
+    start, tokens = time.perf_counter(), 0
+    for i in range(0, len(texts), cfg.cluster.batch_size):
+        ids = [prompts.build(t).ids for t in texts[i : i + cfg.cluster.batch_size]]
+        tokens += engine.generate(ids, plan, sampling).stats.num_generated_tokens
+    return tokens / (time.perf_counter() - start)
+
+
+@hydra.main(config_path="../conf", config_name="bench_pipeline", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    setup(dcfg.cluster.threads_per_actor)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    corpus = run_dir / "corpus.jsonl"
+    pairs = read_bible(start=TEST_START, stop=TEST_START + dcfg.rows)
+    corpus.write_text(
+        "".join(
+            json.dumps({"id": f"bible-{TEST_START + n}", "english": en, "spanish": es}) + "\n"
+            for n, (en, es) in enumerate(pairs)
+        )
+    )
+    dcfg.data.path, dcfg.data.name = str(corpus), "bench"
+    bench: BenchPipelineConfig = OmegaConf.to_object(dcfg)
+    cfg = JobConfig(bench.model, bench.task, bench.skip, bench.data, bench.cluster, bench.output)
+    cfg.output.dir = str(run_dir / "job")
+
+    model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
+    engine = Engine(model, tokenizer)
+    texts = [en for en, _ in pairs]
+    bare, job_e2e, job_batches = [], [], []
+    for rep in range(dcfg.repeats):
+        order = ("bare", "job") if rep % 2 == 0 else ("job", "bare")
+        for side in order:
+            if side == "bare":
+                bare.append(bare_engine_tokens_per_s(engine, cfg, texts))
+            else:
+                summary = run_job(cfg)
+                stats = pa.concat_tables(
+                    pq.read_table(p) for p in Path(cfg.output.dir, "stats").glob("*.parquet")
+                )
+                job_e2e.append(summary["tokens_per_s"])
+                job_batches.append(summary["tokens_out_now"] / sum(stats.column("wall_s").to_pylist()))
+            log.info("repeat %d %s done", rep + 1, side)
+    row = {
+        "rows": dcfg.rows,
+        "batch_size": cfg.cluster.batch_size,
+        "plan": f"{cfg.skip.strategy} x{cfg.skip.target_speedup} (layers)",
+        "bare_tokens_per_s": statistics.median(bare),
+        "job_tokens_per_s": statistics.median(job_e2e),
+        "job_batch_tokens_per_s": statistics.median(job_batches),
+        "job_vs_bare": statistics.median(job_e2e) / statistics.median(bare),
+        "job_batches_vs_bare": statistics.median(job_batches) / statistics.median(bare),
+        "samples": {"bare": bare, "job": job_e2e, "job_batches": job_batches},
+    }
+    pq.write_table(
+        pa.Table.from_pylist([{k: v for k, v in row.items() if k != "samples"}]),
+        run_dir / "bench_pipeline.parquet",
+    )
+    print(
+        f"bare engine {row['bare_tokens_per_s']:.1f} tok/s | Ray job {row['job_tokens_per_s']:.1f} tok/s "
+        f"({row['job_vs_bare']:.2f}x, actor start and model load included) | Ray job batches "
+        f"{row['job_batch_tokens_per_s']:.1f} tok/s ({row['job_batches_vs_bare']:.2f}x)"
+    )
+    print(json.dumps({"bench": "pipeline", **row}))
+
+
+if __name__ == "__main__":
+    main()
