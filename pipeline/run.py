@@ -116,13 +116,15 @@ def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunD
         fn_constructor_kwargs={"cfg": cfg, "outputs_dir": str(run.outputs.resolve())},
         batch_size=cluster.batch_size,
         batch_format="pyarrow",
-        # one batch at a time per actor: a queued batch would be sliced in the actor's main thread while
-        # the decode loop (Python-bound op dispatch) runs in the UDF thread, and they share the GIL
-        compute=ray.data.ActorPoolStrategy(size=cluster.num_actors, max_tasks_in_flight_per_actor=1),
+        # one call at a time per actor, in the thread that ran __init__: Ray Data's default wrapper runs the
+        # UDF in a side thread, where torch's thread settings do not apply and the decode loop (Python-bound
+        # op dispatch) contends for the GIL with batch slicing in the main thread
+        compute=ray.data.ActorPoolStrategy(
+            size=cluster.num_actors, enable_true_multi_threading=True, max_concurrent_calls_per_actor=1
+        ),
         num_cpus=cluster.cpus_per_actor,
         num_gpus=cluster.gpus_per_actor or None,
-        # Ray sets OMP_NUM_THREADS from num_cpus (1 here), and the UDF runs in another thread than
-        # __init__, where torch.set_num_threads does not reach: OpenMP's thread count is per thread
+        # Ray sets OMP_NUM_THREADS from num_cpus (1 for a fractional actor)
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cluster.threads_per_actor)}},
     )
     progress = Progress(pending, cfg.output.progress_every_s)

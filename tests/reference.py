@@ -15,6 +15,8 @@ def physically_pruned(model, kept: tuple[int, ...], layer_prefix: str, count_key
     """A fresh model whose config has only len(kept) decoder layers, loaded with the kept layers' weights."""
     config = copy.deepcopy(model.config)
     setattr(config, count_key, len(kept))
+    if getattr(config, "layer_types", None):  # e.g. Gemma 3's sliding / full layers keep their kinds
+        config.layer_types = [config.layer_types[i] for i in kept]
     pruned = type(model)(config).eval()
     new_index = {old: new for new, old in enumerate(kept)}
     pattern = re.compile(re.escape(layer_prefix) + r"\.(\d+)\.")

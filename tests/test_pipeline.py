@@ -197,3 +197,46 @@ def test_resume_generates_only_missing_ids(tmp_path, tiny_model_dir):
     summary = run_job(job(tiny_model_dir, path, full))
     assert summary["rows_generated_now"] == 4 and summary["rows_resumed"] == 6 and summary["ids_check"]["ok"]
     assert len(outputs(full)) == 10
+
+
+class PoisonedEngine:
+    """Fault injection: the real engine, except that any batch holding the poison prompt raises."""
+
+    def __init__(self, engine, poison: list[int]):
+        self.engine, self.poison, self.calls = engine, poison, []
+
+    def __getattr__(self, name):  # everything but generate() is the real engine's
+        return getattr(self.engine, name)
+
+    def generate(self, prompts, *args, **kwargs):
+        self.calls.append(len(prompts))
+        if self.poison in prompts:
+            raise RuntimeError("simulated kernel failure")
+        return self.engine.generate(prompts, *args, **kwargs)
+
+
+def test_a_failing_batch_is_retried_then_split_down_to_the_bad_row(tmp_path, tiny_model_dir):
+    from pipeline.generator import Generator
+    from pipeline.sources import assign_ids
+
+    rows = corpus_rows(8)
+    cfg = job(tiny_model_dir, tmp_path, tmp_path / "run", cluster={"batch_size": 8, "max_batch_retries": 1})
+    (tmp_path / "run" / "outputs").mkdir(parents=True)
+    generator = Generator(cfg, str(tmp_path / "run" / "outputs"))
+    clean = generator.engine
+    poison = generator.prompts.build(rows[5]["text"]).ids
+    generator.engine = PoisonedEngine(clean, poison)
+    batch = assign_ids(pa.Table.from_pylist(rows), "doc")
+    stats = generator(batch).to_pylist()[0]
+    assert stats["rows"] == 8 and stats["rows_error"] == 1 and stats["rows_ok"] == 7
+    out = {r["id"]: r for r in outputs(tmp_path / "run")}
+    assert "simulated kernel failure" in out["d005"]["error"]
+    assert all(out[r["doc"]]["error"] is None for r in rows if r["doc"] != "d005")
+    # retried once at full size, then halves: 8, 8, 4 (ok) + 4, 4, 2 (ok) + 2, 2, 1, 1 (bad, bad) + 1 (ok)
+    assert generator.engine.calls[:2] == [8, 8] and generator.engine.calls.count(1) == 3
+    expected = clean.generate(
+        [generator.prompts.build(r["text"]).ids for r in rows], generator.plan, generator.sampling
+    )
+    for row, exp in zip(rows, expected.rows, strict=True):
+        if row["doc"] != "d005":
+            assert out[row["doc"]]["generated_text"] == exp.text
