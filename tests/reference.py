@@ -32,14 +32,21 @@ def physically_pruned(model, kept: tuple[int, ...], layer_prefix: str, count_key
     return pruned
 
 
-def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int) -> list[list[int]]:
-    """HF generate() on a left-padded batch; new tokens per row, cut after the first EOS."""
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, T] for a left-padded batch."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id)
     mask = torch.zeros_like(ids)
     for r, p in enumerate(prompts):
         ids[r, width - len(p) :] = torch.tensor(p)
         mask[r, width - len(p) :] = 1
+    return ids, mask
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int) -> list[list[int]]:
+    """HF generate() on a left-padded batch; new tokens per row, cut after the first EOS."""
+    ids, mask = left_pad(prompts, pad_id)
+    width = ids.shape[1]
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,

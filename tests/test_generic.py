@@ -3,7 +3,7 @@ encoder-decoder translators (Marian, T5)."""
 
 import pytest
 import torch
-from reference import physically_pruned
+from reference import left_pad, physically_pruned
 from transformers import MarianConfig, MarianMTModel, T5Config, T5ForConditionalGeneration
 
 from skipengine import Engine, SamplingParams, full_plan, make_plan
@@ -49,12 +49,7 @@ def t5(tokenizer):
 
 
 def hf_seq2seq(model, prompts, new, pad):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p)
-        mask[r, width - len(p) :] = 1
+    ids, mask = left_pad(prompts, pad)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)[:, 1:]
     eos = model.config.eos_token_id
     rows = []
