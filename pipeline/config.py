@@ -51,6 +51,7 @@ class SkipConfig:
     seed: int = 0
     # calibrate a full-depth cost model in each actor, so per-batch stats report the achieved speedup
     measure_achieved: bool = True
+    adapter: str | None = None  # a skip-aware LoRA adapter (jobs.finetune) trained for this model and plan
 
 
 @dataclass
@@ -125,6 +126,10 @@ def validate(cfg: JobConfig) -> None:
         raise ValueError("cluster.kind=existing needs cluster.address: 'auto' or 'ray://host:10001'")
     if cfg.data.limit is not None and cfg.data.limit < 1:
         raise ValueError(f"data.limit={cfg.data.limit} must be >= 1, or null for every row")
+    if cfg.skip.adapter and not Path(cfg.skip.adapter).expanduser().is_file():
+        raise FileNotFoundError(
+            f"skip.adapter={cfg.skip.adapter!r} does not exist; train one with jobs.finetune"
+        )
     if not Path(cfg.data.path).expanduser().exists():
         raise FileNotFoundError(f"data.path={cfg.data.path!r} does not exist; point it at a file or a folder")
     if cfg.model.device.startswith("cuda") and cfg.cluster.gpus_per_actor <= 0:

@@ -26,6 +26,7 @@ from pipeline.prompts import PromptBuilder
 from pipeline.sources import ID
 from skipengine import Engine, GenerationStats, RowResult, SamplingParams, load_model, make_plan
 from skipengine.calibrate import achieved_decode_speedup, measure_cost_model
+from skipengine.finetune import load_adapter
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class Generator:
         )
         self.engine = Engine(model, tokenizer)
         self.plan, self.costs = build_plan(cfg, self.engine)
+        if cfg.skip.adapter:  # merged into the weights; the engine's frozen kernels are rebuilt from them
+            self.engine = Engine(load_adapter(model, cfg.skip.adapter, self.plan), tokenizer)
         self.prompts = PromptBuilder(cfg.task, tokenizer)
         task = cfg.task
         self.sampling = SamplingParams(

@@ -105,6 +105,32 @@ class Engine:
         stats.num_generated_tokens = sum(len(g) for g in generated)
         return GenerationOutput(rows, stats)
 
+    @torch.inference_mode()
+    def score(self, prompt: list[int], continuation: list[int], plan: SkipPlan | None = None) -> torch.Tensor:
+        """Logits [len(continuation), vocab] that predict each continuation token, computed as generation
+        computes them: the prompt through the plan's prefill layers, then each continuation token fed in
+        turn through the kept layers over the KV cache (teacher forcing). For perplexity under a plan."""
+        if self.adapter is None:
+            raise ValueError(f"score() needs a native adapter; {type(self.model).__name__} has none")
+        if not prompt or not continuation:
+            raise ValueError("score() needs a non-empty prompt and continuation")
+        plan = plan or full_plan(self.num_layers)
+        ad, dev = self.adapter, self.device
+        total = len(prompt) + len(continuation)
+        cache = StaticKVCache(plan.kept_layers, 1, ad.num_kv_heads, total, ad.head_dim, self.dtype, dev)
+        pad = torch.zeros(1, dtype=torch.long, device=dev)
+        ids = torch.tensor([prompt], device=dev)
+        positions = torch.arange(len(prompt), device=dev)[None]
+        hidden = self._layers(ad.embed(ids), positions, pad, 0, plan.prefill_layers, cache)
+        logits = [ad.logits(hidden[:, -1])]
+        for col, token in enumerate(continuation[:-1], start=len(prompt)):
+            ids = torch.tensor([[token]], device=dev)
+            hidden = self._layers(
+                ad.embed(ids), torch.tensor([[col]], device=dev), pad, col, plan.kept_layers, cache
+            )
+            logits.append(ad.logits(hidden[:, -1]))
+        return torch.cat(logits)
+
     # -- native path -------------------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -1,0 +1,108 @@
+"""Skip-aware fine-tuning on the tiny model: the training forward is the inference forward, a step
+lowers the loss, adapters round-trip and refuse what they were not trained for."""
+
+import copy
+
+import pytest
+import torch
+from conftest import build_llama
+
+from skipengine import Engine, full_plan, make_plan
+from skipengine.finetune import (
+    Example,
+    TrainConfig,
+    add_lora,
+    collate,
+    distill_loss,
+    load_adapter,
+    response_logits,
+    save_adapter,
+    train,
+    uls_loss,
+)
+
+PLAN = make_plan(8, "uniform", 2.0, prefill="full")
+
+
+@pytest.fixture
+def examples(tokenizer):
+    pairs = [
+        ("Translate the verse", " In the beginning God created"),
+        ("We propose a method", " that skips layers"),
+        ("And the earth was", " without form, and void"),
+        ("Summarize the abstract", " quality is kept"),
+    ]
+    return [
+        Example(tokenizer(p)["input_ids"], tokenizer(r)["input_ids"] + [tokenizer.eos_token_id])
+        for p, r in pairs
+    ]
+
+
+@pytest.mark.parametrize("plan", [PLAN, make_plan(8, "keep_top", 2.0, prefill="full"), full_plan(8)])
+def test_training_forward_equals_inference_forward(llama, tokenizer, examples, plan):
+    engine = Engine(llama, tokenizer)
+    batch = collate(examples, tokenizer.pad_token_id, max_len=64)
+    with torch.no_grad():
+        training = response_logits(llama, batch, plan)  # rows' response positions, in order
+    inference = torch.cat([engine.score(ex.prompt, ex.response, plan) for ex in examples])
+    torch.testing.assert_close(training, inference, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss_fn", [uls_loss, distill_loss])
+def test_one_step_lowers_the_loss(tokenizer, examples, loss_fn):
+    model = add_lora(build_llama(tokenizer), rank=8, alpha=16)
+    batch = collate(examples, tokenizer.pad_token_id, max_len=64)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = loss_fn(model, batch, PLAN)
+    if loss_fn is distill_loss:  # LoRA starts as a no-op, so the student differs only by the skipped layers
+        assert before.item() > 0
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = loss_fn(model, batch, PLAN)
+    assert after.item() < before.item()
+
+
+def test_adapter_round_trip_and_refusals(tmp_path, tokenizer, examples):
+    base = build_llama(tokenizer)
+    config = TrainConfig(steps=3, batch_size=2, log_every=1, save_every=3, lr=1e-2, warmup_steps=1)
+    path = train(copy.deepcopy(base), examples, [PLAN], config, tmp_path / "run", tokenizer.pad_token_id)
+    assert path.exists() and path.stat().st_size < 1_000_000
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3
+
+    merged = load_adapter(copy.deepcopy(base), path, PLAN)
+    batch = collate(examples, tokenizer.pad_token_id, max_len=64)
+    with torch.no_grad():
+        assert not torch.allclose(response_logits(merged, batch, PLAN), response_logits(base, batch, PLAN))
+    with pytest.raises(ValueError, match="was trained for plans"):
+        load_adapter(copy.deepcopy(base), path, make_plan(8, "uniform", 1.5))
+    with pytest.raises(ValueError, match="different base model"):
+        load_adapter(build_llama(tokenizer, seed=1), path, PLAN)
+
+    # resuming a finished run changes nothing; a longer run continues from the checkpoint
+    longer = TrainConfig(steps=5, batch_size=2, log_every=1, save_every=5, lr=1e-2, warmup_steps=1)
+    train(copy.deepcopy(base), examples, [PLAN], longer, tmp_path / "run", tokenizer.pad_token_id)
+    steps = [
+        int(line.split('"step": ')[1].split(",")[0])
+        for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_one_adapter_for_a_range_of_plans(tmp_path, tokenizer, examples):
+    plans = [make_plan(8, "uniform", s) for s in (1.25, 1.5, 2.0)]
+    config = TrainConfig(steps=2, batch_size=2, save_every=2, log_every=2)
+    path = train(build_llama(tokenizer), examples, plans, config, tmp_path, tokenizer.pad_token_id)
+    for plan in plans:
+        load_adapter(build_llama(tokenizer), path, plan)
+    with pytest.raises(ValueError, match="trained for plans"):
+        load_adapter(build_llama(tokenizer), path, make_plan(8, "uniform", 4.0))
+
+
+def test_saved_adapter_is_small_and_tied_to_its_plan(tmp_path, tokenizer):
+    model = add_lora(build_llama(tokenizer), rank=4, alpha=8)
+    path = save_adapter(model, tmp_path / "a.safetensors", [PLAN], note="x")
+    from skipengine.finetune import adapter_metadata
+
+    meta = adapter_metadata(path)
+    assert meta["rank"] == "4" and "full:0,2,5,7" in meta["plans"]
