@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from jobs.common import setup
 from pipeline.config import JobConfig
-from pipeline.corpora import read_bible
+from pipeline.corpora import BIBLE_SPLITS, read_bible, write_bible_jsonl
 from pipeline.prompts import PromptBuilder
 from pipeline.run import run_job
 from skipengine import Engine, SamplingParams, load_model, make_plan
@@ -33,7 +33,6 @@ class BenchPipelineConfig(JobConfig):
 
 ConfigStore.instance().store(name="bench_pipeline_schema", node=BenchPipelineConfig)
 log = logging.getLogger("bench_pipeline")
-TEST_START = 27500
 
 
 def bare_engine_tokens_per_s(engine: Engine, cfg: JobConfig, texts: list[str]) -> float:
@@ -53,14 +52,9 @@ def bare_engine_tokens_per_s(engine: Engine, cfg: JobConfig, texts: list[str]) -
 def main(dcfg: DictConfig) -> None:
     setup(dcfg.cluster.threads_per_actor)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    corpus = run_dir / "corpus.jsonl"
-    pairs = read_bible(start=TEST_START, stop=TEST_START + dcfg.rows)
-    corpus.write_text(
-        "".join(
-            json.dumps({"id": f"bible-{TEST_START + n}", "english": en, "spanish": es}) + "\n"
-            for n, (en, es) in enumerate(pairs)
-        )
-    )
+    test_start = BIBLE_SPLITS["test"][0]
+    corpus = write_bible_jsonl(run_dir / "corpus.jsonl", test_start, test_start + dcfg.rows)
+    pairs = read_bible(start=test_start, stop=test_start + dcfg.rows)
     dcfg.data.path, dcfg.data.name = str(corpus), "bench"
     bench: BenchPipelineConfig = OmegaConf.to_object(dcfg)
     cfg = JobConfig(bench.model, bench.task, bench.skip, bench.data, bench.cluster, bench.output)

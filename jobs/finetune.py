@@ -10,14 +10,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from jobs.common import setup
 from pipeline.config import TaskConfig
-from pipeline.corpora import read_bible
+from pipeline.corpora import BIBLE_SPLITS, read_bible
 from pipeline.prompts import PromptBuilder
 from skipengine import load_model, make_plan
 from skipengine.finetune import Example, TrainConfig, train
 
 OmegaConf.register_new_resolver("join", lambda xs: "-".join(str(x) for x in xs), replace=True)
 log = logging.getLogger("finetune")
-BIBLE_TRAIN = (0, 26000)
 
 
 def bible_examples(cfg: DictConfig, tokenizer) -> list[Example]:
@@ -25,7 +24,8 @@ def bible_examples(cfg: DictConfig, tokenizer) -> list[Example]:
     prompts = PromptBuilder(task, tokenizer)
     eos = tokenizer.eos_token_id
     examples = []
-    for english, spanish in read_bible(start=BIBLE_TRAIN[0], stop=BIBLE_TRAIN[0] + cfg.examples):
+    start, stop = BIBLE_SPLITS["train"]
+    for english, spanish in read_bible(start=start, stop=min(stop, start + cfg.examples)):
         response = tokenizer(spanish, add_special_tokens=False)["input_ids"] + [eos]
         examples.append(Example(prompts.build(english).ids, response))
     return examples
