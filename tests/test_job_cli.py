@@ -1,4 +1,4 @@
-"""The Hydra entry point as a user runs it: config errors, multirun, and a driver killed mid-run."""
+"""The Hydra entry point as a user runs it: config errors, multirun, a driver or an actor killed mid-run."""
 
 import json
 import os
@@ -93,3 +93,48 @@ def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, tiny_model_d
     assert not list((out / "outputs").glob(".tmp-*"))
     texts = pq.read_table(out / "outputs").column("generated_text").to_pylist()
     assert all(t is not None for t in texts)
+
+
+def generator_actor_pids() -> list[int]:
+    """Processes whose title Ray set to the generator actor's (ray::MapWorker(MapBatches(Generator)))."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and title.startswith("ray::MapWorker(MapBatches(Generator))"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_killed_actor_is_restarted_and_its_batch_redone(tmp_path, tiny_model_dir):
+    rows = corpus_rows(40)
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
+    out = tmp_path / "run"
+    args = cli(
+        tiny_model_dir, data, out, "cluster.batch_size=1", "task.max_new_tokens=24", "cluster.num_actors=2"
+    )
+    proc = subprocess.Popen(
+        args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((out / "outputs").glob("part-*.parquet"))) < 3:
+            time.sleep(0.2)
+        victims = generator_actor_pids()
+        assert len(victims) == 2, victims
+        os.kill(victims[0], signal.SIGKILL)  # one actor, mid-batch; the driver and the other actor live on
+        written_at_kill = len(list((out / "outputs").glob("part-*.parquet")))
+        log, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert written_at_kill < 40, "the kill should land mid-run"
+    assert proc.returncode == 0, log[-3000:]  # Ray restarts the actor and retries its batch
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ids_check"] == {"ok": True, "missing": 0, "duplicated": 0, "unexpected": 0}
+    counts = RunDir(out).output_ids()
+    assert sorted(counts) == sorted(r["doc"] for r in rows) and set(counts.values()) == {1}
+    actors = set(pq.read_table(out / "outputs", columns=["actor"]).column("actor").to_pylist())
+    assert len(actors) == 3, actors  # the two first actors and the restarted one
