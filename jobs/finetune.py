@@ -1,16 +1,24 @@
 """python -m jobs.finetune: trains a skip-aware LoRA adapter (ULS or self-distillation) and writes
-out_dir/adapter.safetensors, with loss curves in out_dir/log.jsonl; rerunning resumes."""
+out_dir/adapter.safetensors, with loss curves in out_dir/log.jsonl; rerunning resumes.
+
+corpus=bible   EN->ES verse pairs of the Bible train range (task=translate)
+corpus=aclsum  ACLSum train abstracts -> human summaries (task=summarize)
+corpus=run     a finished jobs.generate run (run_dir=...): its prompts -> its generated texts, e.g. a
+               full-depth run over a sample of your own corpus, for self-distillation without references
+"""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import hydra
+import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from jobs.common import setup
 from pipeline.config import TaskConfig
-from pipeline.corpora import BIBLE_SPLITS, read_bible
+from pipeline.corpora import BIBLE_SPLITS, read_aclsum, read_bible
 from pipeline.prompts import PromptBuilder
 from skipengine import load_model, make_plan
 from skipengine.finetune import Example, TrainConfig, train
@@ -19,15 +27,32 @@ OmegaConf.register_new_resolver("join", lambda xs: "-".join(str(x) for x in xs),
 log = logging.getLogger("finetune")
 
 
-def bible_examples(cfg: DictConfig, tokenizer) -> list[Example]:
-    task = TaskConfig(**OmegaConf.to_container(cfg.task))
-    prompts = PromptBuilder(task, tokenizer)
-    eos = tokenizer.eos_token_id
+def pairs_for(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(input text, response text) pairs; for corpus=run the input is the already-rendered prompt."""
+    if cfg.corpus == "bible":
+        start, stop = BIBLE_SPLITS["train"]
+        return read_bible(start=start, stop=min(stop, start + cfg.examples))
+    if cfg.corpus == "aclsum":
+        return [(r["abstract"], r["summary"]) for r in read_aclsum("train")][: cfg.examples]
+    if cfg.corpus == "run":
+        if not cfg.run_dir or not (Path(cfg.run_dir) / "outputs").is_dir():
+            raise ValueError(f"corpus=run needs run_dir= a finished jobs.generate run; got {cfg.run_dir!r}")
+        rows = pq.read_table(Path(cfg.run_dir) / "outputs", columns=["prompt", "generated_text"]).to_pylist()
+        return [(r["prompt"], r["generated_text"]) for r in rows if r["generated_text"]][: cfg.examples]
+    raise ValueError(f"corpus={cfg.corpus!r} is unknown; use bible, aclsum or run")
+
+
+def examples_for(cfg: DictConfig, tokenizer) -> list[Example]:
+    prompts = PromptBuilder(TaskConfig(**OmegaConf.to_container(cfg.task)), tokenizer)
     examples = []
-    start, stop = BIBLE_SPLITS["train"]
-    for english, spanish in read_bible(start=start, stop=min(stop, start + cfg.examples)):
-        response = tokenizer(spanish, add_special_tokens=False)["input_ids"] + [eos]
-        examples.append(Example(prompts.build(english).ids, response))
+    for source, response in pairs_for(cfg):
+        prompt = (
+            tokenizer(source, add_special_tokens=False)["input_ids"]
+            if cfg.corpus == "run"
+            else prompts.build(source).ids
+        )
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append(Example(prompt, response_ids))
     return examples
 
 
@@ -35,11 +60,12 @@ def bible_examples(cfg: DictConfig, tokenizer) -> list[Example]:
 def main(cfg: DictConfig) -> None:
     setup(cfg.threads)
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
-    if cfg.corpus != "bible":
-        raise ValueError(f"corpus={cfg.corpus!r} is not available yet; use corpus=bible")
-    examples = bible_examples(cfg, tokenizer)
+    examples = examples_for(cfg, tokenizer)
+    log.info("%d training examples from corpus=%s", len(examples), cfg.corpus)
     layers = model.config.num_hidden_layers
     plans = [make_plan(layers, cfg.strategy, t, cfg.prefill, cfg.basis) for t in cfg.targets]
+    if cfg.kept:  # explicit kept-layer counts (e.g. what basis=measured picks on your devices)
+        plans += [make_plan(layers, cfg.strategy, layers / k, cfg.prefill, "layers") for k in cfg.kept]
     for plan in plans:
         log.info("plan: %s", plan)
     config = TrainConfig(

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
 import json
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BIBLE = REPO / "data" / "bible_kjv_rv1909.en-es.tsv.gz"
 BIBLE_SPLITS = {"train": (0, 26000), "validation": (26000, 27500), "test": (27500, 29584)}
+AUSTEN = REPO / "data" / "austen_persuasion.txt.gz"  # held-out English for perplexity, one paragraph a line
+ACLSUM = REPO / "data" / "aclsum"  # abstract -> summary JSONL per split, written by write_aclsum_jsonl
+ACLSUM_SPLITS = {"train": "train", "validation": "val", "test": "test"}  # ours -> the package's file names
+ACLSUM_ASPECTS = ("challenge", "approach", "outcome")
 
 
 def read_bible(path: str | Path = BIBLE, start: int = 0, stop: int | None = None) -> list[tuple[str, str]]:
@@ -37,3 +43,65 @@ def write_bible_jsonl(path: str | Path, start: int, stop: int) -> Path:
         encoding="utf-8",
     )
     return path
+
+
+def detokenize(text: str) -> str:
+    """ACLSum's sentences are space-tokenized ("a workflow ." / "( MT )"); undo the common cases."""
+    text = re.sub(r" ([.,;:!?%)\]])", r"\1", text)
+    text = re.sub(r"([(\[]) ", r"\1", text)
+    return re.sub(r" n't\b", "n't", text).replace(" 's ", "'s ")
+
+
+def aclsum_package_file(split: str) -> Path:
+    """The split's JSONL inside the installed `aclsum` wheel, found without importing the package (its
+    import pulls a dependency we do not need)."""
+    if split not in ACLSUM_SPLITS:
+        raise ValueError(f"ACLSum split {split!r} is unknown; use one of {', '.join(ACLSUM_SPLITS)}")
+    try:
+        files = importlib.metadata.files("aclsum") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError("the ACLSum source needs `pip install --no-deps aclsum`") from None
+    name = f"aclsum/dataset/{ACLSUM_SPLITS[split]}.jsonl"
+    match = [f for f in files if str(f) == name]
+    if not match:
+        raise FileNotFoundError(f"{name} is not in the installed aclsum package")
+    return Path(match[0].locate())
+
+
+def read_aclsum_package(split: str) -> list[dict]:
+    """{id, title, abstract, summary} per paper; the summary is the three human aspect summaries
+    (challenge, approach, outcome) in that order, the abstract its detokenized sentences."""
+    rows = []
+    for line in aclsum_package_file(split).read_text(encoding="utf-8").splitlines():
+        paper = json.loads(line)
+        rows.append(
+            {
+                "id": f"aclsum-{paper['id']}",
+                "title": paper["title"],
+                "abstract": detokenize(" ".join(paper["sentences"]["abstract"])),
+                "summary": " ".join(paper["summary"][a].strip() for a in ACLSUM_ASPECTS),
+            }
+        )
+    return rows
+
+
+def write_aclsum_jsonl(split: str, path: str | Path | None = None) -> Path:
+    path = Path(path) if path else ACLSUM / f"{split}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = read_aclsum_package(split)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_aclsum(split: str) -> list[dict]:
+    """The committed split (data/aclsum/<split>.jsonl)."""
+    if split not in ACLSUM_SPLITS:
+        raise ValueError(f"ACLSum split {split!r} is unknown; use one of {', '.join(ACLSUM_SPLITS)}")
+    lines = (ACLSUM / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def read_austen(path: str | Path = AUSTEN) -> str:
+    """Persuasion (Jane Austen, public domain), paragraphs joined by newlines."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return f.read()

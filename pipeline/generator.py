@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, SkipConfig
 from pipeline.prompts import PromptBuilder
 from pipeline.sources import ID
 from skipengine import Engine, GenerationStats, RowResult, SamplingParams, load_model, make_plan
@@ -48,13 +48,12 @@ OUTPUT_SCHEMA = [
 ]
 
 
-def build_plan(cfg: JobConfig, engine: Engine) -> tuple:
+def build_plan(skip: SkipConfig, engine: Engine, batch_size: int) -> tuple:
     """(plan, cost models). Cost models are measured when the plan or the stats need them."""
-    skip, batch = cfg.skip, cfg.cluster.batch_size
     costs = []
     if skip.strategy != "none" and (skip.basis == "measured" or skip.measure_achieved):
-        costs.append(measure_cost_model(engine, batch))
-        if batch > 1 and skip.measure_achieved:
+        costs.append(measure_cost_model(engine, batch_size))
+        if batch_size > 1 and skip.measure_achieved:
             costs.append(measure_cost_model(engine, 1))
     plan = make_plan(
         engine.num_layers,
@@ -77,7 +76,7 @@ class Generator:
             cfg.model.spec, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code
         )
         self.engine = Engine(model, tokenizer)
-        self.plan, self.costs = build_plan(cfg, self.engine)
+        self.plan, self.costs = build_plan(cfg.skip, self.engine, cfg.cluster.batch_size)
         if cfg.skip.adapter:  # merged into the weights; the engine's frozen kernels are rebuilt from them
             self.engine = Engine(load_adapter(model, cfg.skip.adapter, self.plan), tokenizer)
         self.prompts = PromptBuilder(cfg.task, tokenizer)

@@ -113,6 +113,35 @@ class LlamaFamilyAdapter:
         v = qkv[:, :, self.num_heads + self.num_kv_heads :]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
+    def decoupled_kv(
+        self, layers: range, hidden: torch.Tensor, ropes: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [J, N, KV, D] of `layers` for tokens whose input to all of them is hidden [N, hidden]
+        (an exit state), as one batched product: the RMS normalization is shared, only the norm weights
+        and the K/V projections differ per layer. ropes: per layer type, cos and sin [N, D]."""
+        norms, weights, biases = self._kv_stack()
+        idx = torch.tensor(list(layers), device=hidden.device)
+        x = F.rms_norm(hidden, hidden.shape[-1:], eps=self.layers[0].input_layernorm.variance_epsilon)
+        x = x[None] * norms[idx][:, None]  # [J, N, hidden]
+        kv = torch.bmm(x, weights[idx].transpose(1, 2))  # [J, N, 2 KV D]
+        if biases is not None:
+            kv = kv + biases[idx][:, None]
+        k, v = kv.view(len(idx), hidden.shape[0], 2 * self.num_kv_heads, self.head_dim).chunk(2, dim=2)
+        cos, sin = ropes[self.layer_types[0]]  # one rotary table for the whole Llama family
+        return rotate(k, cos[None], sin[None]), v
+
+    def _kv_stack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per layer: input-norm weight [L, hidden], K|V weight [L, 2 KV D, hidden], bias or None."""
+        if getattr(self, "_kv", None) is None:
+            attns = [layer.self_attn for layer in self.layers]
+            norms = torch.stack([layer.input_layernorm.weight.detach() for layer in self.layers])
+            weights = torch.stack([torch.cat([a.k_proj.weight, a.v_proj.weight]).detach() for a in attns])
+            biases = None
+            if attns[0].k_proj.bias is not None:
+                biases = torch.stack([torch.cat([a.k_proj.bias, a.v_proj.bias]).detach() for a in attns])
+            self._kv = (norms, weights, biases)
+        return self._kv
+
     def attention_residual(self, i: int, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """attn: [B, T, heads * D] -> hidden + o_proj(attn)."""
         return hidden + self.kernels[i].o(attn)
@@ -168,6 +197,22 @@ class Gemma3Adapter(LlamaFamilyAdapter):
         q = rotate(self.norm(attn.q_norm, q), cos, sin)
         k = rotate(self.norm(attn.k_norm, k), cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def decoupled_kv(
+        self, layers: range, hidden: torch.Tensor, ropes: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As the Llama version, one layer at a time: (1 + w) norms in fp32, a k-norm per layer and a
+        rotary table per layer type make the batched form not worth its code at 18 layers."""
+        keys, values = [], []
+        for i in layers:
+            attn = self.layers[i].self_attn
+            x = self.norm(self.layers[i].input_layernorm, hidden)
+            k = F.linear(x, attn.k_proj.weight).view(hidden.shape[0], self.num_kv_heads, self.head_dim)
+            v = F.linear(x, attn.v_proj.weight).view(hidden.shape[0], self.num_kv_heads, self.head_dim)
+            cos, sin = ropes[self.layer_types[i]]
+            keys.append(rotate(self.norm(attn.k_norm, k)[None], cos[None], sin[None])[0])
+            values.append(v)
+        return torch.stack(keys), torch.stack(values)
 
     def attention_residual(self, i: int, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         return hidden + self.norm(self.layers[i].post_attention_layernorm, self.kernels[i].o(attn))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skipengine import generic
+from skipengine.adaptive import AdaptivePlan, adaptive_layers
 from skipengine.adapters import adapter_for, has_adapter
 from skipengine.cache import StaticKVCache
 from skipengine.inputs import encode_prompt
@@ -60,6 +61,7 @@ class Engine:
         self.max_context = min(max_context or model_context, model_context)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = _pad_id(model, tokenizer, self.eos_ids)
+        self.exit_classifiers = None  # skipengine.exits: for AdaptivePlan(criterion="classifier")
 
     def generate(
         self,
@@ -71,6 +73,8 @@ class Engine:
         """One RowResult per prompt, in order. A bad prompt fails its own row (error set), never the batch."""
         plan = plan or full_plan(self.num_layers)
         sampling = sampling or SamplingParams()
+        if isinstance(plan, AdaptivePlan) and self.adapter is None:
+            raise ValueError(f"skip=adaptive needs a native adapter; {type(self.model).__name__} has none")
         if plan.num_layers != self.num_layers:
             raise ValueError(f"the plan is for {plan.num_layers} layers; this model has {self.num_layers}")
         if isinstance(prompts, str):
@@ -159,17 +163,19 @@ class Engine:
         t0 = time.perf_counter()
         cols = torch.arange(prompt_len, device=dev)
         positions = (cols[None, :] - pad[:, None]).clamp(min=0)  # [B, T]
-        hidden = self._layers(ad.embed(input_ids), positions, pad, 0, plan.prefill_layers, cache)
+        depth = [0]
+        hidden = self._forward(ad.embed(input_ids), positions, pad, 0, plan, "prefill", cache, depth)
         tokens = next_tokens(ad.logits(hidden[:, -1]), sampling, generators)  # [B]
         stats.prefill_s = time.perf_counter() - t0
-        stats.prefill_layers_per_token = float(len(plan.prefill_layers))
+        adaptive = isinstance(plan, AdaptivePlan)
+        stats.prefill_layers_per_token = depth[0] / sum(lengths) if adaptive else float(len(plan.prefill_layers))
 
         generated: list[list[int]] = [[] for _ in prompts]
         reasons = ["length"] * batch
         finished_at = [0.0] * batch
         active = list(range(batch))  # original row index of each live cache row
         col = prompt_len  # the cache column the next fed token is written to
-        t0 = time.perf_counter()
+        t0, depth = time.perf_counter(), [0]
         while True:
             survivors = []
             for slot, (r, tok) in enumerate(zip(active, tokens.tolist(), strict=True)):
@@ -188,13 +194,15 @@ class Engine:
                 active = [active[s] for s in survivors]
                 generators = [generators[s] for s in survivors] if generators else generators
             positions = (col - pad)[:, None]  # [n, 1]
-            hidden = self._layers(ad.embed(tokens[:, None]), positions, pad, col, plan.kept_layers, cache)
+            hidden = self._forward(ad.embed(tokens[:, None]), positions, pad, col, plan, "decode", cache, depth)
             tokens = next_tokens(ad.logits(hidden[:, -1]), sampling, generators)
             col += 1
             stats.decode_steps += 1
             stats.decode_row_steps += len(active)
         stats.decode_s = time.perf_counter() - t0
-        stats.decode_layers_per_token = float(plan.num_kept)
+        stats.decode_layers_per_token = (
+            depth[0] / max(1, stats.decode_row_steps) if adaptive else float(plan.num_kept)
+        )
         return generated, reasons, finished_at
 
     def _layers(
@@ -208,25 +216,50 @@ class Engine:
     ) -> torch.Tensor:
         """hidden: [B, T, hidden] at cache columns [start, start+T) through `layers`; the K/V of layers
         the cache owns are written at those columns."""
+        ropes, masks = self.layer_inputs(hidden, positions, pad, start, layers)
+        for i in layers:
+            hidden = self.layer(i, hidden, ropes, masks, start, cache)
+        return hidden
+
+    def layer_inputs(
+        self, hidden: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, start: int, layers: Sequence[int]
+    ) -> tuple[dict, dict]:
+        """Rotary tables and attention masks per layer type, shared by every layer of a forward."""
         ad = self.adapter
-        batch, seq, _ = hidden.shape
-        ropes = ad.rope(hidden, positions)
+        seq = hidden.shape[1]
         query_cols = torch.arange(start, start + seq, device=hidden.device)
         masks = {
             kind: attention_mask(pad, query_cols, start + seq, window)
             for kind, window in ad.windows.items()
             if kind in {ad.layer_types[i] for i in layers}
         }
-        for i in layers:
-            x = ad.attention_input(i, hidden)
-            q, k, v = ad.qkv(i, x, ropes)  # [B, H, T, D], [B, KV, T, D] x2
-            if cache.owns(i):
-                k, v = cache.update(i, start, k, v)  # [B, KV, start+T, D]
-            mask = masks[ad.layer_types[i]]
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ad.scale, enable_gqa=True)
-            hidden = ad.attention_residual(i, hidden, attn.transpose(1, 2).reshape(batch, seq, -1))
-            hidden = ad.mlp_residual(i, hidden)
-        return hidden
+        return ad.rope(hidden, positions), masks
+
+    def layer(
+        self, i: int, hidden: torch.Tensor, ropes: dict, masks: dict, start: int, cache: StaticKVCache
+    ) -> torch.Tensor:
+        """Decoder layer i on hidden [B, T, D]."""
+        ad = self.adapter
+        batch, seq, _ = hidden.shape
+        x = ad.attention_input(i, hidden)
+        q, k, v = ad.qkv(i, x, ropes)  # [B, H, T, D], [B, KV, T, D] x2
+        if cache.owns(i):
+            k, v = cache.update(i, start, k, v)  # [B, KV, start+T, D]
+        mask = masks[ad.layer_types[i]]
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ad.scale, enable_gqa=True)
+        hidden = ad.attention_residual(i, hidden, attn.transpose(1, 2).reshape(batch, seq, -1))
+        return ad.mlp_residual(i, hidden)
+
+    def _forward(self, hidden, positions, pad, start, plan, phase: str, cache, depth_sum: list) -> torch.Tensor:
+        """One prefill (phase "prefill") or decode step under a static or an adaptive plan; adds the
+        layers run by the real (non-pad) tokens to depth_sum[0]."""
+        if isinstance(plan, AdaptivePlan):
+            hidden, depth = adaptive_layers(self, hidden, positions, pad, start, plan, cache)
+            real = torch.arange(start, start + hidden.shape[1], device=pad.device)[None] >= pad[:, None]
+            depth_sum[0] += int(depth[real].sum())
+            return hidden
+        layers = plan.prefill_layers if phase == "prefill" else plan.kept_layers
+        return self._layers(hidden, positions, pad, start, layers, cache)
 
     # -- stopping and text ---------------------------------------------------------------------------
 

@@ -1,0 +1,197 @@
+"""ADEPT-style adaptive early exit: each token leaves the network at the first exit point where its
+prediction is settled, in prefill and in decode, and its debt to deeper layers is paid at once.
+
+A token that exits after layer e still owes every deeper layer l its K and V (later tokens attend to
+them). The decoupled fill computes them from the exit hidden state h_e alone,
+    K_l = rope(W_k,l · norm_l(h_e)),  V_l = W_v,l · norm_l(h_e)   for all l > e,
+as one batched product over the deeper layers instead of a pass through their attention and MLP.
+CALM's state propagation (copy h_e as the input of each deeper layer) gives the same K and V, computed
+one layer after another: kv_fill="propagate" runs it that way so the two can be compared. kv_fill="exact"
+is the reference: exited tokens keep running every layer for their K and V (no saving), only their
+prediction is taken at the exit.
+
+Work falls as tokens exit: once some token of the batch has left, a layer runs its projections and MLP
+on the gathered still-active tokens only; attention still sees every cached key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+CRITERIA = ("classifier", "confidence", "fixed")  # fixed: every token leaves at the first exit point
+KV_FILLS = ("decoupled", "propagate", "exact")
+
+
+@dataclass(frozen=True)
+class AdaptivePlan:
+    """Where tokens may exit and by which rule. Shares the static plan's interface where the engine
+    needs it: every layer owns a cache slot (a token may run any depth)."""
+
+    num_layers: int
+    exit_layers: tuple[int, ...]  # a token may leave after these layers (0-based, never the last)
+    threshold: float = 0.9
+    criterion: str = "classifier"
+    kv_fill: str = "decoupled"
+    target_speedup: float = 1.0
+    predicted_speedup: float = 1.0
+    strategy: str = "adaptive"
+    prefill: str = "adaptive"
+    basis: str = "layers"
+
+    def __post_init__(self):
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"skip.criterion={self.criterion!r} is unknown; use one of {', '.join(CRITERIA)}")
+        if self.kv_fill not in KV_FILLS:
+            raise ValueError(f"skip.kv_fill={self.kv_fill!r} is unknown; use one of {', '.join(KV_FILLS)}")
+        if not self.exit_layers or max(self.exit_layers) >= self.num_layers - 1 or min(self.exit_layers) < 0:
+            raise ValueError(
+                f"exit layers {self.exit_layers} must lie in [0, {self.num_layers - 2}] (not the last layer)"
+            )
+
+    @property
+    def kept_layers(self) -> tuple[int, ...]:
+        return tuple(range(self.num_layers))
+
+    prefill_layers = kept_layers
+
+    @property
+    def num_kept(self) -> int:
+        return self.num_layers
+
+    @property
+    def is_full_depth(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return (
+            f"adaptive target={self.target_speedup:g}x exits after {list(self.exit_layers)} "
+            f"criterion={self.criterion} threshold={self.threshold:.4g} kv_fill={self.kv_fill}"
+        )
+
+
+def exit_layers_for(num_layers: int, every: int = 2, min_depth: int = 4) -> tuple[int, ...]:
+    """Exit points after layers min_depth-1, min_depth-1+every, ... (0-based), before the last layer."""
+    if every < 1 or min_depth < 1:
+        raise ValueError(f"skip.exit_every={every} and skip.min_depth={min_depth} must be >= 1")
+    layers = tuple(range(min_depth - 1, num_layers - 1, every))
+    if not layers:
+        raise ValueError(f"skip.min_depth={min_depth} leaves no exit point in {num_layers} layers")
+    return layers
+
+
+class ExitClassifiers(torch.nn.Module):
+    """One small MLP per exit point: P(the prediction at this depth already equals the final one),
+    from the final-normed hidden state. Costs ~D*64 multiply-adds, against D*V for an LM-head check."""
+
+    def __init__(self, hidden_size: int, exit_layers: tuple[int, ...], width: int = 64):
+        super().__init__()
+        self.exit_layers = tuple(exit_layers)
+        self.heads = torch.nn.ModuleDict(
+            {
+                str(layer): torch.nn.Sequential(
+                    torch.nn.Linear(hidden_size, width), torch.nn.GELU(), torch.nn.Linear(width, 1)
+                )
+                for layer in self.exit_layers
+            }
+        )
+
+    def forward(self, layer: int, normed: torch.Tensor) -> torch.Tensor:
+        """normed: [N, D] -> logits [N]."""
+        return self.heads[str(layer)](normed).squeeze(-1)
+
+
+def leaving(engine, plan: AdaptivePlan, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden: [N, D] of the tokens still deciding -> bool [N], True = exit now."""
+    ad = engine.adapter
+    if plan.criterion == "fixed":
+        return torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    if plan.criterion == "confidence":  # CALM's baseline: a full LM-head pass per check
+        return ad.logits(hidden).softmax(-1).amax(-1) >= plan.threshold
+    if engine.exit_classifiers is None:
+        raise ValueError("criterion=classifier needs exit classifiers: load them with skip.exit_classifiers=…")
+    normed = ad.norm(ad.final_norm, hidden)
+    return torch.sigmoid(engine.exit_classifiers(layer, normed).float()) >= plan.threshold
+
+
+def fill_deeper_kv(engine, plan: AdaptivePlan, layer: int, hidden, rows, cols, ropes, start, cache) -> None:
+    """Writes the K and V of layers > layer for exiting tokens (hidden [N, D] at batch rows `rows`,
+    query columns `cols`) into the cache, computed from their exit hidden state."""
+    ad = engine.adapter
+    deeper = range(layer + 1, ad.num_layers)
+    sel = {kind: (cos[rows, cols], sin[rows, cols]) for kind, (cos, sin) in ropes.items()}  # [N, hd]
+    if plan.kv_fill == "decoupled":
+        keys, values = ad.decoupled_kv(deeper, hidden, sel)  # [J, N, KV, hd] each, one batched product
+    else:  # "propagate": the exit state as each deeper layer's input, one layer after another
+        keys, values = [], []
+        for i in deeper:
+            kind = ad.layer_types[i]
+            one = {kind: (sel[kind][0][None], sel[kind][1][None])}
+            _, k, v = ad.qkv(i, ad.attention_input(i, hidden[None]), one)  # [1, KV, N, hd]
+            keys.append(k[0].transpose(0, 1))
+            values.append(v[0].transpose(0, 1))
+    for j, i in enumerate(deeper):
+        slot = cache.slot[i]
+        cache.keys[slot][rows, :, start + cols] = keys[j]
+        cache.values[slot][rows, :, start + cols] = values[j]
+
+
+def sparse_layer(engine, i: int, hidden, rows, cols, ropes, masks, start, cache) -> None:
+    """Layer i for the tokens at (rows, cols) only, in place; attention reads every cached key."""
+    ad = engine.adapter
+    batch, seq, _ = hidden.shape
+    x = hidden[rows, cols][None]  # [1, N, D]
+    sel = {kind: (cos[rows, cols][None], sin[rows, cols][None]) for kind, (cos, sin) in ropes.items()}
+    q, k, v = ad.qkv(i, ad.attention_input(i, x), sel)  # [1, H, N, hd], [1, KV, N, hd] x2
+    slot = cache.slot[i]
+    cache.keys[slot][rows, :, start + cols] = k[0].transpose(0, 1)
+    cache.values[slot][rows, :, start + cols] = v[0].transpose(0, 1)
+    queries = hidden.new_zeros(batch, ad.num_heads, seq, ad.head_dim)
+    queries[rows, :, cols] = q[0].transpose(0, 1)
+    end = start + seq
+    attn = F.scaled_dot_product_attention(
+        queries,
+        cache.keys[slot][:batch, :, :end],
+        cache.values[slot][:batch, :, :end],
+        attn_mask=masks[ad.layer_types[i]],
+        scale=ad.scale,
+        enable_gqa=True,
+    )  # [B, H, T, hd]
+    x = ad.attention_residual(i, x, attn.transpose(1, 2)[rows, cols].reshape(1, len(rows), -1))
+    hidden[rows, cols] = ad.mlp_residual(i, x)[0]
+
+
+def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePlan, cache):
+    """hidden [B, T, D] at cache columns [start, start+T) -> (exit hidden states [B, T, D], layers run
+    per token [B, T], the K/V fill not counted). Every token decides at every exit point until it leaves."""
+    ad = engine.adapter
+    batch, seq, _ = hidden.shape
+    ropes, masks = engine.layer_inputs(hidden, positions, pad, start, range(ad.num_layers))
+    deciding = torch.ones(batch, seq, dtype=torch.bool, device=hidden.device)
+    computing = deciding.clone()  # differs from deciding only for kv_fill="exact"
+    depth = torch.zeros(batch, seq, dtype=torch.long, device=hidden.device)
+    out = torch.empty_like(hidden)
+    exits = set(plan.exit_layers)
+    for i in range(ad.num_layers):
+        if bool(computing.all()):
+            hidden = engine.layer(i, hidden, ropes, masks, start, cache)
+        else:
+            rows, cols = computing.nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                break
+            sparse_layer(engine, i, hidden, rows, cols, ropes, masks, start, cache)
+        depth += computing
+        if i in exits and bool(deciding.any()):
+            rows, cols = deciding.nonzero(as_tuple=True)
+            leave = leaving(engine, plan, i, hidden[rows, cols])
+            rows, cols = rows[leave], cols[leave]
+            if rows.numel():
+                out[rows, cols] = hidden[rows, cols]
+                deciding[rows, cols] = False
+                if plan.kv_fill != "exact":
+                    fill_deeper_kv(engine, plan, i, hidden[rows, cols], rows, cols, ropes, start, cache)
+                    computing[rows, cols] = False
+    out[deciding] = hidden[deciding]
+    return out, depth

@@ -1,0 +1,122 @@
+"""Adaptive early exit (ADEPT) on the tiny Llama: exactness when nothing exits, the decoupled K/V debt
+written and read, batch invariance, and exit classifiers that train, round-trip and refuse another model."""
+
+import pytest
+import torch
+from conftest import build_llama
+from reference import hf_greedy
+
+from skipengine import Engine, SamplingParams, full_plan
+from skipengine.adaptive import AdaptivePlan, ExitClassifiers, adaptive_layers, exit_layers_for
+from skipengine.cache import StaticKVCache
+from skipengine.depth import token_depth
+from skipengine.exits import load_exit_classifiers, save_exit_classifiers, train_exit_classifiers
+
+NEW = 12
+L = 8
+
+
+@pytest.fixture(scope="module")
+def engine(llama, tokenizer):
+    engine = Engine(llama, tokenizer)
+    torch.manual_seed(0)  # random classifiers: sigmoid outputs spread around 0.5, so some tokens exit
+    engine.exit_classifiers = ExitClassifiers(llama.config.hidden_size, exit_layers_for(L, 2, 2)).eval()
+    return engine
+
+
+def plan(criterion="classifier", threshold=0.5, kv_fill="decoupled", exits=None) -> AdaptivePlan:
+    return AdaptivePlan(L, exits or exit_layers_for(L, 2, 2), threshold, criterion, kv_fill)
+
+
+def greedy():
+    return SamplingParams(max_new_tokens=NEW)
+
+
+def test_a_threshold_that_never_exits_is_full_depth(engine, llama, prompts):
+    full = [r.token_ids for r in engine.generate(prompts, full_plan(L), greedy()).rows]
+    for never in (plan(threshold=1.01), plan("confidence", threshold=1.01)):
+        out = engine.generate(prompts, never, greedy())
+        assert [r.token_ids for r in out.rows] == full
+        assert out.stats.decode_layers_per_token == L and out.stats.prefill_layers_per_token == L
+    assert full == hf_greedy(llama, prompts, NEW, engine.pad_id)
+
+
+def run_forward(engine, ids: list[int], exit_plan: AdaptivePlan, cache, start: int = 0):
+    hidden = engine.adapter.embed(torch.tensor([ids]))
+    positions = torch.arange(start, start + len(ids))[None]
+    pad = torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        return adaptive_layers(engine, hidden, positions, pad, start, exit_plan, cache)
+
+
+@pytest.mark.parametrize("exit_at", [1, 3, 5])
+def test_forced_exit_writes_the_decoupled_kv_and_later_tokens_read_it(engine, llama, prompts, exit_at):
+    ad, prompt = engine.adapter, prompts[0]
+    cache = StaticKVCache(range(L), 1, ad.num_kv_heads, 64, ad.head_dim, torch.float32, "cpu")
+    _, depth = run_forward(engine, prompt, plan("fixed", exits=(exit_at,)), cache)
+    assert (depth == exit_at + 1).all()
+
+    # the formula, from HF's own modules: K_l = rope(k_proj(norm_l(h_e))), V_l = v_proj(norm_l(h_e))
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        states = llama.model(input_ids=ids, output_hidden_states=True).hidden_states
+        h_exit = states[exit_at + 1]  # after layer exit_at
+        cos, sin = llama.model.rotary_emb(h_exit, torch.arange(len(prompt))[None])
+        for layer in range(exit_at + 1, L):
+            attn = llama.model.layers[layer].self_attn
+            x = llama.model.layers[layer].input_layernorm(h_exit)
+            k = attn.k_proj(x).view(1, len(prompt), -1, ad.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(1, len(prompt), -1, ad.head_dim).transpose(1, 2)
+            half = ad.head_dim // 2
+            rotated = torch.cat((-k[..., half:], k[..., :half]), -1)
+            k = k * cos[:, None] + rotated * sin[:, None]
+            n = cache.slot[layer]
+            torch.testing.assert_close(cache.keys[n][:, :, : len(prompt)], k, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(cache.values[n][:, :, : len(prompt)], v, atol=1e-5, rtol=1e-4)
+
+    # a later token that runs every layer attends to that debt: equal to a cache-free forward in which
+    # the prompt tokens stop after layer exit_at (their state carried unchanged, CALM's propagation)
+    token = 7
+    out, depth = run_forward(engine, [token], plan(threshold=1.01), cache, start=len(prompt))
+    assert (depth == L).all()
+    runs = torch.ones(L, 1, len(prompt) + 1, dtype=torch.bool)  # [layer, B, T]
+    runs[exit_at + 1 :, 0, : len(prompt)] = False
+    with torch.no_grad(), token_depth(llama, runs):
+        reference = llama(input_ids=torch.tensor([prompt + [token]])).logits[0, -1]
+    torch.testing.assert_close(ad.logits(out[:, -1])[0], reference, atol=1e-4, rtol=1e-4)
+
+
+def test_decoupled_equals_state_propagation_and_differs_from_exact(engine, prompts):
+    rows = {
+        fill: [r.token_ids for r in engine.generate(prompts, plan(kv_fill=fill), greedy()).rows]
+        for fill in ("decoupled", "propagate", "exact")
+    }
+    assert rows["decoupled"] == rows["propagate"]
+    assert rows["exact"] != rows["decoupled"]  # the exit state's K/V is an approximation of the real one
+    out = engine.generate(prompts, plan(), greedy())
+    assert out.stats.decode_layers_per_token < L and out.stats.prefill_layers_per_token < L  # exits happen
+
+
+@pytest.mark.parametrize("criterion, threshold", [("classifier", 0.5), ("classifier", 0.45), ("fixed", 0)])
+def test_batch_invariance(engine, prompts, criterion, threshold):
+    p = plan(criterion, threshold)
+    batched = engine.generate(prompts, p, greedy()).rows
+    for prompt, row in zip(prompts, batched, strict=True):
+        assert engine.generate([prompt], p, greedy()).rows[0].token_ids == row.token_ids
+
+
+def test_exit_classifiers_train_save_load_and_refuse_another_model(tmp_path, llama, tokenizer):
+    windows = [[(7 * i + 3 * j) % 200 + 5 for j in range(24)] for i in range(16)]
+    exits = exit_layers_for(L, 2, 2)
+    classifiers, stats = train_exit_classifiers(llama, windows, exits, steps=60)
+    assert set(stats) == set(exits) and all(0 <= s["accuracy"] <= 1 for s in stats.values())
+    # the last exit point agrees with the final prediction more often than the first
+    assert stats[exits[-1]]["already_final"] >= stats[exits[0]]["already_final"]
+    path = save_exit_classifiers(classifiers, tmp_path / "exits.safetensors", llama)
+    loaded = load_exit_classifiers(path, llama)
+    x = torch.randn(5, llama.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(exits[0], x), classifiers(exits[0], x))
+    other = build_llama(tokenizer, seed=1)
+    with pytest.raises(ValueError, match="different base model"):
+        load_exit_classifiers(path, other)
