@@ -36,7 +36,9 @@ def main(cfg: DictConfig) -> None:
     if skip.adapter:
         model = load_adapter(model, skip.adapter, plan)
     ids = tokenizer(TEXTS[cfg.text](), add_special_tokens=False)["input_ids"]
-    result = perplexity(model, windows(ids, cfg.window_tokens, cfg.windows), plan, cfg.context, cfg.batch_size)
+    result = perplexity(
+        model, windows(ids, cfg.window_tokens, cfg.windows), plan, cfg.context, cfg.batch_size
+    )
     row = {"text": cfg.text, "plan": str(plan), "kept": plan.num_kept, "adapter": skip.adapter, **result}
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
+from skipengine.adaptive import CRITERIA, KV_FILLS
 from skipengine.plan import BASES, PREFILL_MODES, STRATEGIES
 
 FORMATS = ("auto", "parquet", "jsonl", "csv", "hf_disk")
@@ -52,6 +53,15 @@ class SkipConfig:
     # calibrate a full-depth cost model in each actor, so per-batch stats report the achieved speedup
     measure_achieved: bool = True
     adapter: str | None = None  # a skip-aware LoRA adapter (jobs.finetune) trained for this model and plan
+    # strategy=adaptive (ADEPT): per-token exits; see conf/skip/adaptive.yaml
+    exit_classifiers: str | None = None  # jobs.train_exits output (criterion=classifier)
+    criterion: str = "classifier"  # or "confidence" (an LM-head check, CALM's baseline)
+    exit_every: int = 2  # exit points every k layers (criterion=confidence; classifiers carry their own)
+    min_depth: int = 4
+    kv_fill: str = "decoupled"
+    threshold: float | None = None  # None: calibrated on the first calibration_rows rows of the corpus
+    calibration_rows: int = 16
+    controller: bool = True  # adjust the threshold batch by batch toward the target
 
 
 @dataclass
@@ -103,7 +113,7 @@ def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
 
 def validate(cfg: JobConfig) -> None:
     """Value checks that types cannot express; every message names the key and what would be valid."""
-    _choice("skip.strategy", cfg.skip.strategy, STRATEGIES)
+    _choice("skip.strategy", cfg.skip.strategy, (*STRATEGIES, "adaptive"))
     _choice("skip.basis", cfg.skip.basis, BASES)
     _choice("skip.prefill", cfg.skip.prefill, PREFILL_MODES)
     _choice("data.format", cfg.data.format, FORMATS)
@@ -130,6 +140,18 @@ def validate(cfg: JobConfig) -> None:
         raise FileNotFoundError(
             f"skip.adapter={cfg.skip.adapter!r} does not exist; train one with jobs.finetune"
         )
+    if cfg.skip.strategy == "adaptive":
+        _choice("skip.criterion", cfg.skip.criterion, CRITERIA)
+        _choice("skip.kv_fill", cfg.skip.kv_fill, KV_FILLS)
+        if cfg.skip.criterion == "classifier" and not cfg.skip.exit_classifiers:
+            raise ValueError(
+                "skip=adaptive with criterion=classifier needs skip.exit_classifiers=<file from "
+                "jobs.train_exits>, or use skip.criterion=confidence"
+            )
+        if cfg.skip.adapter:
+            raise ValueError("skip.adapter is a LoRA adapter for a static plan; skip=adaptive takes none")
+        if cfg.skip.exit_classifiers and not Path(cfg.skip.exit_classifiers).expanduser().is_file():
+            raise FileNotFoundError(f"skip.exit_classifiers={cfg.skip.exit_classifiers!r} does not exist")
     if not Path(cfg.data.path).expanduser().exists():
         raise FileNotFoundError(f"data.path={cfg.data.path!r} does not exist; point it at a file or a folder")
     if cfg.model.device.startswith("cuda") and cfg.cluster.gpus_per_actor <= 0:

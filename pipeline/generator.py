@@ -8,6 +8,7 @@ that only rows that really fail are marked.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -25,7 +26,16 @@ from pipeline.config import JobConfig, SkipConfig
 from pipeline.prompts import PromptBuilder
 from pipeline.sources import ID
 from skipengine import Engine, GenerationStats, RowResult, SamplingParams, load_model, make_plan
+from skipengine.adaptive import (
+    AdaptivePlan,
+    ThresholdController,
+    exit_layers_for,
+    exit_probabilities,
+    kv_fraction,
+    threshold_for_target,
+)
 from skipengine.calibrate import achieved_decode_speedup, measure_cost_model
+from skipengine.exits import load_exit_classifiers
 from skipengine.finetune import load_adapter
 
 log = logging.getLogger(__name__)
@@ -67,8 +77,34 @@ def build_plan(skip: SkipConfig, engine: Engine, batch_size: int) -> tuple:
     return plan, costs
 
 
+def build_adaptive_plan(skip: SkipConfig, engine: Engine, calibration: list[list[int]]) -> tuple:
+    """(AdaptivePlan, ThresholdController or None). The threshold is the configured one, or the highest
+    whose predicted speedup on the calibration prompts' full-depth traces meets the target."""
+    layers = engine.num_layers
+    if skip.criterion == "classifier":
+        engine.exit_classifiers = load_exit_classifiers(skip.exit_classifiers, engine.model)
+        exits = engine.exit_classifiers.exit_layers
+    else:
+        exits = exit_layers_for(layers, skip.exit_every, skip.min_depth)
+    kv = kv_fraction(engine.adapter)
+    threshold, predicted = skip.threshold, None
+    if threshold is None:
+        if skip.criterion != "classifier" or not calibration:
+            raise ValueError(
+                "skip.threshold=null is calibrated from exit classifiers on the corpus's first "
+                "rows; set skip.threshold for criterion=confidence"
+            )
+        probs = exit_probabilities(engine, calibration, exits)
+        threshold, predicted = threshold_for_target(probs, exits, layers, skip.target_speedup, kv)
+    plan = AdaptivePlan(
+        layers, exits, threshold, skip.criterion, skip.kv_fill, skip.target_speedup, predicted or 1.0
+    )
+    controller = ThresholdController(threshold, skip.target_speedup, layers, kv) if skip.controller else None
+    return plan, controller
+
+
 class Generator:
-    def __init__(self, cfg: JobConfig, outputs_dir: str):
+    def __init__(self, cfg: JobConfig, outputs_dir: str, calibration_texts: list[str] | None = None):
         torch.set_num_threads(cfg.cluster.threads_per_actor)
         self.cfg = cfg
         self.outputs_dir = Path(outputs_dir)
@@ -76,10 +112,16 @@ class Generator:
             cfg.model.spec, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code
         )
         self.engine = Engine(model, tokenizer)
-        self.plan, self.costs = build_plan(cfg.skip, self.engine, cfg.cluster.batch_size)
+        self.prompts = PromptBuilder(cfg.task, tokenizer)
+        self.controller = None
+        if cfg.skip.strategy == "adaptive":
+            calibration = [p.ids for p in map(self.prompts.build, calibration_texts or []) if p.ids]
+            self.plan, self.controller = build_adaptive_plan(cfg.skip, self.engine, calibration)
+            self.costs = []
+        else:
+            self.plan, self.costs = build_plan(cfg.skip, self.engine, cfg.cluster.batch_size)
         if cfg.skip.adapter:  # merged into the weights; the engine's frozen kernels are rebuilt from them
             self.engine = Engine(load_adapter(model, cfg.skip.adapter, self.plan), tokenizer)
-        self.prompts = PromptBuilder(cfg.task, tokenizer)
         task = cfg.task
         self.sampling = SamplingParams(
             max_new_tokens=task.max_new_tokens,
@@ -106,7 +148,11 @@ class Generator:
         ids = [str(row[ID]) for row in rows]
         batch_id = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
         self._write(batch_id, rows, prompts, results)
-        return pa.Table.from_pylist([self._stats_row(batch_id, results, stats, time.perf_counter() - start)])
+        stats_row = self._stats_row(batch_id, results, stats, time.perf_counter() - start)
+        if self.controller is not None and any(s.decode_row_steps for s in stats):
+            threshold = self.controller.update(stats_row["decode_layers_per_token"])
+            self.plan = dataclasses.replace(self.plan, threshold=threshold)
+        return pa.Table.from_pylist([stats_row])
 
     def _generate_splitting(
         self, prompt_ids: list[list[int]]
@@ -166,6 +212,18 @@ class Generator:
         prefill = sum(s.prefill_s for s in stats)
         decode = sum(s.decode_s for s in stats)
         tokens_out = sum(r.num_generated_tokens for r in results)
+        row_steps = sum(s.decode_row_steps for s in stats)
+        prompt_tokens = sum(s.num_input_tokens for s in stats)
+        decode_layers = (
+            sum(s.decode_layers_per_token * s.decode_row_steps for s in stats) / row_steps
+            if row_steps
+            else float(self.plan.num_kept)
+        )
+        prefill_layers = (
+            sum(s.prefill_layers_per_token * s.num_input_tokens for s in stats) / prompt_tokens
+            if prompt_tokens
+            else float(len(self.plan.prefill_layers))
+        )
         merged = GenerationStats(
             decode_s=decode,
             decode_steps=sum(s.decode_steps for s in stats),
@@ -189,8 +247,14 @@ class Generator:
             "decode_s": decode,
             "wall_s": wall,
             "tokens_per_s": tokens_out / wall if wall > 0 else 0.0,
-            "prefill_layers_per_token": float(len(self.plan.prefill_layers)),
-            "decode_layers_per_token": float(self.plan.num_kept),
+            "prefill_layers_per_token": prefill_layers,
+            "decode_layers_per_token": decode_layers,
+            "exit_threshold": getattr(self.plan, "threshold", None),
+            "achieved_layer_speedup": (
+                self.controller.achieved(decode_layers)
+                if self.controller
+                else self.plan.num_layers / decode_layers
+            ),
             "target_speedup": self.plan.target_speedup,
             "predicted_speedup": self.plan.predicted_speedup,
             "achieved_decode_speedup_est": achieved,

@@ -53,7 +53,7 @@ def start_ray(cfg: JobConfig) -> bool:
 def check_plan_up_front(cfg: JobConfig) -> None:
     """A plan the model cannot take fails here, before actors load anything (basis=measured is checked
     by the actors, after they measure their device)."""
-    if cfg.skip.strategy == "none" or cfg.skip.basis == "measured":
+    if cfg.skip.strategy in ("none", "adaptive") or cfg.skip.basis == "measured":
         return
     config = AutoConfig.from_pretrained(
         load.resolve(cfg.model.spec), trust_remote_code=cfg.model.trust_remote_code
@@ -103,6 +103,11 @@ def run_job(cfg: JobConfig) -> dict:
 
 
 def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunDir) -> list[dict]:
+    calibration = None
+    if cfg.skip.strategy == "adaptive":  # the corpus's first rows, for every actor and every
+        # resumed run alike, so all use one threshold
+        first = ds.limit(cfg.skip.calibration_rows).take_all()
+        calibration = [r[cfg.task.input_column] for r in first if isinstance(r[cfg.task.input_column], str)]
     ds = sources.with_ids(ds, cfg.data)
     if done:
         ds = ds.map_batches(
@@ -113,7 +118,11 @@ def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunD
     ds = ds.repartition(target_num_rows_per_block=cluster.batch_size, strict=True)
     results = ds.map_batches(
         Generator,
-        fn_constructor_kwargs={"cfg": cfg, "outputs_dir": str(run.outputs.resolve())},
+        fn_constructor_kwargs={
+            "cfg": cfg,
+            "outputs_dir": str(run.outputs.resolve()),
+            "calibration_texts": calibration,
+        },
         batch_size=cluster.batch_size,
         batch_format="pyarrow",
         # one call at a time per actor, in the thread that ran __init__: Ray Data's default wrapper runs the
@@ -195,6 +204,12 @@ def summarize(
             sum(a * d for a, d in achieved) / sum(d for _, d in achieved) if achieved else None
         ),
         "decode_s": decode_s,
+        # layer-equivalents per token (layers run, plus K/V fills for adaptive exits), weighted by tokens
+        "achieved_layer_speedup": (
+            sum(r["achieved_layer_speedup"] * r["tokens_out"] for r in stats) / tokens_now
+            if tokens_now
+            else None
+        ),
         "ids_check": {
             "ok": not missing and not duplicated and not unexpected,
             "missing": len(missing),

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from skipengine import generic
-from skipengine.adaptive import AdaptivePlan, adaptive_layers
 from skipengine.adapters import adapter_for, has_adapter
+from skipengine.adaptive import AdaptivePlan, adaptive_layers
 from skipengine.cache import StaticKVCache
 from skipengine.inputs import encode_prompt
 from skipengine.outputs import GenerationOutput, GenerationStats, RowResult
@@ -168,7 +168,9 @@ class Engine:
         tokens = next_tokens(ad.logits(hidden[:, -1]), sampling, generators)  # [B]
         stats.prefill_s = time.perf_counter() - t0
         adaptive = isinstance(plan, AdaptivePlan)
-        stats.prefill_layers_per_token = depth[0] / sum(lengths) if adaptive else float(len(plan.prefill_layers))
+        stats.prefill_layers_per_token = (
+            depth[0] / sum(lengths) if adaptive else float(len(plan.prefill_layers))
+        )
 
         generated: list[list[int]] = [[] for _ in prompts]
         reasons = ["length"] * batch
@@ -194,7 +196,9 @@ class Engine:
                 active = [active[s] for s in survivors]
                 generators = [generators[s] for s in survivors] if generators else generators
             positions = (col - pad)[:, None]  # [n, 1]
-            hidden = self._forward(ad.embed(tokens[:, None]), positions, pad, col, plan, "decode", cache, depth)
+            hidden = self._forward(
+                ad.embed(tokens[:, None]), positions, pad, col, plan, "decode", cache, depth
+            )
             tokens = next_tokens(ad.logits(hidden[:, -1]), sampling, generators)
             col += 1
             stats.decode_steps += 1
@@ -222,7 +226,12 @@ class Engine:
         return hidden
 
     def layer_inputs(
-        self, hidden: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor, start: int, layers: Sequence[int]
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        pad: torch.Tensor,
+        start: int,
+        layers: Sequence[int],
     ) -> tuple[dict, dict]:
         """Rotary tables and attention masks per layer type, shared by every layer of a forward."""
         ad = self.adapter
@@ -250,7 +259,9 @@ class Engine:
         hidden = ad.attention_residual(i, hidden, attn.transpose(1, 2).reshape(batch, seq, -1))
         return ad.mlp_residual(i, hidden)
 
-    def _forward(self, hidden, positions, pad, start, plan, phase: str, cache, depth_sum: list) -> torch.Tensor:
+    def _forward(
+        self, hidden, positions, pad, start, plan, phase: str, cache, depth_sum: list
+    ) -> torch.Tensor:
         """One prefill (phase "prefill") or decode step under a static or an adaptive plan; adds the
         layers run by the real (non-pad) tokens to depth_sum[0]."""
         if isinstance(plan, AdaptivePlan):

@@ -120,3 +120,30 @@ def test_exit_classifiers_train_save_load_and_refuse_another_model(tmp_path, lla
     other = build_llama(tokenizer, seed=1)
     with pytest.raises(ValueError, match="different base model"):
         load_exit_classifiers(path, other)
+
+
+def test_adaptive_job_calibrates_and_holds_the_target(tmp_path, tiny_model_dir, tokenizer):
+    import pyarrow.parquet as pq
+    from pipeline_helpers import corpus_rows, job, write_jsonl
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.run import run_job
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    windows = [tokenizer(r["text"] * 3)["input_ids"][:24] for r in corpus_rows(16)]
+    classifiers, _ = train_exit_classifiers(model, windows, exit_layers_for(L, 1, 2), steps=60)
+    exits = save_exit_classifiers(classifiers, tmp_path / "exits.safetensors", model)
+    data = write_jsonl(tmp_path / "c.jsonl", corpus_rows(16))
+    cfg = job(
+        tiny_model_dir,
+        data,
+        tmp_path / "run",
+        skip={"strategy": "adaptive", "target_speedup": 1.5, "exit_classifiers": str(exits)},
+        task={"max_new_tokens": 16},
+    )
+    summary = run_job(cfg)
+    assert summary["ids_check"]["ok"] and summary["rows_ok"] == 16
+    stats = pq.read_table(tmp_path / "run" / "stats").to_pylist()
+    assert all(0 <= s["exit_threshold"] <= 1 for s in stats)
+    assert all(s["decode_layers_per_token"] < L for s in stats)
+    assert summary["achieved_layer_speedup"] == pytest.approx(1.5, rel=0.25)

@@ -1,0 +1,172 @@
+"""python -m jobs.bench_quality: quality against achieved speedup, per strategy, on the real corpora.
+
+For each entry of `runs` (a strategy, a target, a basis, optionally a skip-aware adapter): ROUGE on ACLSum
+test (task=summarize), BLEU and chrF on the Bible test range (task=translate), perplexity on Austen's
+Persuasion, and the decode cost per token against the full-depth entry of the same sweep. One model load,
+the bare engine (the Ray job gives the same tokens; this measures quality, not the pipeline).
+
+Results accumulate in out_dir/quality.jsonl (an entry rerun replaces its line; `only=[name,...]` runs a
+subset); out_dir/quality.md and out_dir/quality.png are rebuilt from all lines each time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from jobs.common import setup
+from pipeline.config import TaskConfig
+from pipeline.corpora import BIBLE_SPLITS, read_aclsum, read_austen, read_bible
+from pipeline.metrics import score_task
+from pipeline.prompts import PromptBuilder
+from skipengine import Engine, SamplingParams, load_model, make_plan, measure_cost_model
+from skipengine.finetune import load_adapter
+from skipengine.perplexity import perplexity, windows
+from skipengine.plan import SkipPlan
+
+log = logging.getLogger("bench_quality")
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def task_config(name: str) -> TaskConfig:
+    return TaskConfig(**OmegaConf.to_container(OmegaConf.load(CONF / "task" / f"{name}.yaml")))
+
+
+def generate_all(engine: Engine, plan, task: TaskConfig, texts: list[str], batch_size: int) -> tuple:
+    """(generated texts, decode seconds, decode row-steps)."""
+    prompts = PromptBuilder(task, engine.tokenizer)
+    sampling = SamplingParams(max_new_tokens=task.max_new_tokens, stop=tuple(task.stop))
+    out, decode_s, row_steps = [], 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        result = engine.generate([prompts.build(t).ids for t in texts[i : i + batch_size]], plan, sampling)
+        out += [r.text for r in result.rows]
+        decode_s += result.stats.decode_s
+        row_steps += result.stats.decode_row_steps
+    return out, decode_s, row_steps
+
+
+def plan_for(run: DictConfig, num_layers: int, cost) -> SkipPlan:
+    if run.basis == "measured":
+        return make_plan(num_layers, run.strategy, run.target, "full", "measured", cost_model=cost())
+    return make_plan(num_layers, run.strategy, run.target, "full", "layers", seed=run.get("seed", 0))
+
+
+def evaluate(run: DictConfig, base, tokenizer, data: dict, cfg: DictConfig, cost) -> dict:
+    plan = plan_for(run, base.config.num_hidden_layers, cost)
+    model = load_adapter(copy.deepcopy(base), run.adapter, plan) if run.get("adapter") else base
+    engine = Engine(model, tokenizer)
+    start = time.perf_counter()
+    summaries, decode_s, row_steps = generate_all(
+        engine, plan, task_config("summarize"), data["abstracts"], cfg.batch_size
+    )
+    rouge = score_task("summarize", summaries, data["summaries"])
+    translations, _, _ = generate_all(engine, plan, task_config("translate"), data["english"], cfg.batch_size)
+    bible = score_task("translate", translations, data["spanish"])
+    ppl = perplexity(model, data["windows"], plan, cfg.context, cfg.batch_size)
+    row = {
+        "name": run.name,
+        "strategy": run.strategy,
+        "target": run.target,
+        "basis": run.basis,
+        "adapter": run.get("adapter"),
+        "kept": plan.num_kept,
+        "plan": str(plan),
+        "decode_s_per_token": decode_s / max(1, row_steps),
+        **{k: v["score"] for k, v in rouge.items()},
+        "rougeL_ci": [rouge["rougeL"]["ci_low"], rouge["rougeL"]["ci_high"]],
+        "bleu": bible["bleu"]["score"],
+        "chrf": bible["chrf"]["score"],
+        "perplexity": ppl["perplexity"],
+        "seconds": time.perf_counter() - start,
+        "example_summary": summaries[0],
+    }
+    log.info("%s: rougeL %.2f bleu %.2f ppl %.1f", run.name, row["rougeL"], row["bleu"], row["perplexity"])
+    return row
+
+
+def write_report(rows: list[dict], out_dir: Path) -> None:
+    full = next((r for r in rows if r["strategy"] == "none"), None)
+    for r in rows:
+        r["achieved"] = full["decode_s_per_token"] / r["decode_s_per_token"] if full else None
+    lines = [
+        "| run | kept | achieved decode x | ROUGE-L | ROUGE-1 | BLEU | chrF | perplexity |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        keep = f" ({100 * r['rougeL'] / full['rougeL']:.0f}%)" if full else ""
+        lines.append(
+            f"| {r['name']} | {r['kept']} | {r['achieved']:.2f} | {r['rougeL']:.2f}{keep} "
+            f"| {r['rouge1']:.2f} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['perplexity']:.1f} |"
+        )
+    (out_dir / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list] = {}
+    for r in rows:
+        label = r["strategy"] + (" + skip-aware adapter" if r["adapter"] else "")
+        groups.setdefault(label, []).append(r)
+    for label, members in groups.items():
+        members.sort(key=lambda r: r["achieved"])
+        ax.plot([r["achieved"] for r in members], [r["rougeL"] for r in members], "o-", label=label)
+    ax.set_xlabel("achieved decode speedup (vs full depth, same sweep)")
+    ax.set_ylabel("ROUGE-L on ACLSum test")
+    ax.set_title("SmolLM2-135M-Instruct: quality vs speed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "quality.png", dpi=120)
+
+
+@hydra.main(config_path="../conf", config_name="bench_quality", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    setup(cfg.threads)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
+    aclsum = read_aclsum("test")[: cfg.aclsum_rows]
+    test_start = BIBLE_SPLITS["test"][0]
+    bible = read_bible(start=test_start, stop=test_start + cfg.bible_rows)
+    ids = tokenizer(read_austen(), add_special_tokens=False)["input_ids"]
+    data = {
+        "abstracts": [r["abstract"] for r in aclsum],
+        "summaries": [r["summary"] for r in aclsum],
+        "english": [en for en, _ in bible],
+        "spanish": [es for _, es in bible],
+        "windows": windows(ids, cfg.window_tokens, cfg.ppl_windows),
+    }
+    cost_model = []
+
+    def cost():  # measured once, only if a run asks for basis=measured
+        if not cost_model:
+            cost_model.append(measure_cost_model(Engine(model, tokenizer), cfg.batch_size))
+        return cost_model[0]
+
+    results_path = out_dir / "quality.jsonl"
+    rows = {}
+    if results_path.exists():
+        rows = {r["name"]: r for r in map(json.loads, results_path.read_text().splitlines())}
+    for run in cfg.runs:
+        if cfg.only and run.name not in cfg.only:
+            continue
+        rows[run.name] = evaluate(run, model, tokenizer, data, cfg, cost)
+        results_path.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    order = [r.name for r in cfg.runs]
+    write_report(
+        sorted(rows.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else 99), out_dir
+    )
+
+
+if __name__ == "__main__":
+    main()
