@@ -12,6 +12,7 @@ subset); out_dir/quality.md and out_dir/quality.png are rebuilt from all lines e
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -21,8 +22,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from jobs.common import setup
-from pipeline.config import TaskConfig
+from pipeline.config import SkipConfig, TaskConfig
 from pipeline.corpora import BIBLE_SPLITS, read_aclsum, read_austen, read_bible
+from pipeline.generator import build_adaptive_plan
 from pipeline.metrics import score_task
 from pipeline.prompts import PromptBuilder
 from skipengine import Engine, SamplingParams, load_model, make_plan, measure_cost_model
@@ -38,17 +40,26 @@ def task_config(name: str) -> TaskConfig:
     return TaskConfig(**OmegaConf.to_container(OmegaConf.load(CONF / "task" / f"{name}.yaml")))
 
 
-def generate_all(engine: Engine, plan, task: TaskConfig, texts: list[str], batch_size: int) -> tuple:
-    """(generated texts, decode seconds, decode row-steps)."""
+def generate_all(engine: Engine, plan, task: TaskConfig, texts: list[str], batch_size: int, skip=None):
+    """(generated texts, decode seconds, decode row-steps, decode layers per token). skip=adaptive: the
+    job's calibration (the first rows) and per-batch threshold controller."""
     prompts = PromptBuilder(task, engine.tokenizer)
     sampling = SamplingParams(max_new_tokens=task.max_new_tokens, stop=tuple(task.stop))
-    out, decode_s, row_steps = [], 0.0, 0
+    ids = [prompts.build(t).ids for t in texts]
+    controller = None
+    if skip is not None:
+        plan, controller = build_adaptive_plan(skip, engine, ids[: skip.calibration_rows])
+    out, decode_s, row_steps, layers = [], 0.0, 0, 0.0
     for i in range(0, len(texts), batch_size):
-        result = engine.generate([prompts.build(t).ids for t in texts[i : i + batch_size]], plan, sampling)
-        out += [r.text for r in result.rows]
-        decode_s += result.stats.decode_s
-        row_steps += result.stats.decode_row_steps
-    return out, decode_s, row_steps
+        stats = engine.generate(ids[i : i + batch_size], plan, sampling)
+        out += [r.text for r in stats.rows]
+        stats = stats.stats
+        decode_s += stats.decode_s
+        row_steps += stats.decode_row_steps
+        layers += stats.decode_layers_per_token * stats.decode_row_steps
+        if controller is not None and stats.decode_row_steps:
+            plan = dataclasses.replace(plan, threshold=controller.update(stats.decode_layers_per_token))
+    return out, decode_s, row_steps, layers / max(1, row_steps)
 
 
 def plan_for(run: DictConfig, num_layers: int, cost) -> SkipPlan:
@@ -58,35 +69,49 @@ def plan_for(run: DictConfig, num_layers: int, cost) -> SkipPlan:
 
 
 def evaluate(run: DictConfig, base, tokenizer, data: dict, cfg: DictConfig, cost) -> dict:
-    plan = plan_for(run, base.config.num_hidden_layers, cost)
+    skip, plan = None, None
+    if run.strategy == "adaptive":
+        skip = SkipConfig(
+            strategy="adaptive",
+            target_speedup=run.target,
+            exit_classifiers=run.exit_classifiers,
+            criterion=run.get("criterion", "classifier"),
+            threshold=run.get("threshold"),
+        )
+    else:
+        plan = plan_for(run, base.config.num_hidden_layers, cost)
     model = load_adapter(copy.deepcopy(base), run.adapter, plan) if run.get("adapter") else base
     engine = Engine(model, tokenizer)
     start = time.perf_counter()
-    summaries, decode_s, row_steps = generate_all(
-        engine, plan, task_config("summarize"), data["abstracts"], cfg.batch_size
+    summaries, decode_s, row_steps, layers = generate_all(
+        engine, plan, task_config("summarize"), data["abstracts"], cfg.batch_size, skip
     )
     rouge = score_task("summarize", summaries, data["summaries"])
-    translations, _, _ = generate_all(engine, plan, task_config("translate"), data["english"], cfg.batch_size)
+    translations, *_ = generate_all(
+        engine, plan, task_config("translate"), data["english"], cfg.batch_size, skip
+    )
     bible = score_task("translate", translations, data["spanish"])
-    ppl = perplexity(model, data["windows"], plan, cfg.context, cfg.batch_size)
+    # perplexity runs the parallel teacher-forced forward, which takes static plans only
+    ppl = perplexity(model, data["windows"], plan, cfg.context, cfg.batch_size) if plan else None
     row = {
         "name": run.name,
         "strategy": run.strategy,
         "target": run.target,
         "basis": run.basis,
         "adapter": run.get("adapter"),
-        "kept": plan.num_kept,
-        "plan": str(plan),
+        "kept": plan.num_kept if plan else None,
+        "decode_layers_per_token": layers,
+        "plan": str(plan) if plan else f"adaptive x{run.target}",
         "decode_s_per_token": decode_s / max(1, row_steps),
         **{k: v["score"] for k, v in rouge.items()},
         "rougeL_ci": [rouge["rougeL"]["ci_low"], rouge["rougeL"]["ci_high"]],
         "bleu": bible["bleu"]["score"],
         "chrf": bible["chrf"]["score"],
-        "perplexity": ppl["perplexity"],
+        "perplexity": ppl["perplexity"] if ppl else None,
         "seconds": time.perf_counter() - start,
         "example_summary": summaries[0],
     }
-    log.info("%s: rougeL %.2f bleu %.2f ppl %.1f", run.name, row["rougeL"], row["bleu"], row["perplexity"])
+    log.info("%s: rougeL %.2f bleu %.2f ppl %s", run.name, row["rougeL"], row["bleu"], row["perplexity"])
     return row
 
 
@@ -95,14 +120,15 @@ def write_report(rows: list[dict], out_dir: Path) -> None:
     for r in rows:
         r["achieved"] = full["decode_s_per_token"] / r["decode_s_per_token"] if full else None
     lines = [
-        "| run | kept | achieved decode x | ROUGE-L | ROUGE-1 | BLEU | chrF | perplexity |",
+        "| run | decode layers/token | achieved decode x | ROUGE-L | ROUGE-1 | BLEU | chrF | perplexity |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         keep = f" ({100 * r['rougeL'] / full['rougeL']:.0f}%)" if full else ""
         lines.append(
-            f"| {r['name']} | {r['kept']} | {r['achieved']:.2f} | {r['rougeL']:.2f}{keep} "
-            f"| {r['rouge1']:.2f} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['perplexity']:.1f} |"
+            f"| {r['name']} | {r['decode_layers_per_token']:.1f} | {r['achieved']:.2f} "
+            f"| {r['rougeL']:.2f}{keep} | {r['rouge1']:.2f} | {r['bleu']:.2f} | {r['chrf']:.2f} | "
+            + (f"{r['perplexity']:.1f} |" if r["perplexity"] else "n/a |")
         )
     (out_dir / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -25,7 +25,16 @@ import torch
 from pipeline.config import JobConfig, SkipConfig
 from pipeline.prompts import PromptBuilder
 from pipeline.sources import ID
-from skipengine import Engine, GenerationStats, RowResult, SamplingParams, load_model, make_plan
+from skipengine import (
+    CostModel,
+    Engine,
+    GenerationStats,
+    RowResult,
+    SamplingParams,
+    SkipPlan,
+    load_model,
+    make_plan,
+)
 from skipengine.adaptive import (
     AdaptivePlan,
     ThresholdController,
@@ -36,7 +45,7 @@ from skipengine.adaptive import (
 )
 from skipengine.calibrate import achieved_decode_speedup, measure_cost_model
 from skipengine.exits import load_exit_classifiers
-from skipengine.finetune import load_adapter
+from skipengine.finetune import adapter_plans, load_adapter
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +68,16 @@ OUTPUT_SCHEMA = [
 
 
 def build_plan(skip: SkipConfig, engine: Engine, batch_size: int) -> tuple:
-    """(plan, cost models). Cost models are measured when the plan or the stats need them."""
+    """(plan, cost models). Cost models are measured when the plan or the stats need them. With an
+    adapter and basis=measured, the plan is the adapter's deepest plan that still meets the target on
+    this device (an adapter serves only the exact plans it was trained for)."""
     costs = []
     if skip.strategy != "none" and (skip.basis == "measured" or skip.measure_achieved):
         costs.append(measure_cost_model(engine, batch_size))
         if batch_size > 1 and skip.measure_achieved:
             costs.append(measure_cost_model(engine, 1))
+    if skip.adapter and skip.basis == "measured" and skip.strategy != "none":
+        return adapter_plan(skip, engine.num_layers, costs[0]), costs
     plan = make_plan(
         engine.num_layers,
         skip.strategy,
@@ -75,6 +88,30 @@ def build_plan(skip: SkipConfig, engine: Engine, batch_size: int) -> tuple:
         seed=skip.seed,
     )
     return plan, costs
+
+
+def adapter_plan(skip: SkipConfig, num_layers: int, cost: CostModel) -> SkipPlan:
+    fits = [
+        kept
+        for prefill, kept in adapter_plans(skip.adapter)
+        if prefill == skip.prefill and cost.speedup(len(kept)) >= skip.target_speedup
+    ]
+    if not fits:
+        raise ValueError(
+            f"skip.adapter={skip.adapter!r} has no plan that meets skip.target_speedup="
+            f"{skip.target_speedup:g} on {cost.device} at batch {cost.batch_size}; train one that covers "
+            "fewer kept layers (jobs.finetune kept=[...]) or lower the target"
+        )
+    kept = max(fits, key=len)
+    return SkipPlan(
+        num_layers=num_layers,
+        kept_layers=kept,
+        strategy=skip.strategy,
+        prefill=skip.prefill,
+        target_speedup=skip.target_speedup,
+        predicted_speedup=cost.speedup(len(kept)),
+        basis="measured",
+    )
 
 
 def build_adaptive_plan(skip: SkipConfig, engine: Engine, calibration: list[list[int]]) -> tuple:

@@ -156,6 +156,15 @@ def adapter_metadata(path: str | Path) -> dict:
     return meta
 
 
+def adapter_plans(path: str | Path) -> list[tuple[str, tuple[int, ...]]]:
+    """(prefill mode, kept layers) of every plan the adapter was trained for."""
+    plans = []
+    for key in json.loads(adapter_metadata(path)["plans"]):
+        prefill, _, kept = key.partition(":")
+        plans.append((prefill, tuple(int(i) for i in kept.split(","))))
+    return plans
+
+
 def load_adapter(model: nn.Module, path: str | Path, plan: SkipPlan) -> nn.Module:
     """The model with the adapter merged into its weights; refuses another base model or plan."""
     meta = adapter_metadata(path)

@@ -106,3 +106,21 @@ def test_saved_adapter_is_small_and_tied_to_its_plan(tmp_path, tokenizer):
 
     meta = adapter_metadata(path)
     assert meta["rank"] == "4" and "full:0,2,5,7" in meta["plans"]
+
+
+def test_measured_basis_picks_the_adapters_deepest_plan_that_meets_the_target(tmp_path, tokenizer):
+    from pipeline.config import SkipConfig
+    from pipeline.generator import adapter_plan
+    from skipengine import CostModel
+
+    model = add_lora(build_llama(tokenizer), rank=4, alpha=8)
+    plans = [make_plan(8, "uniform", 8 / kept) for kept in (3, 4, 6)]
+    path = save_adapter(model, tmp_path / "a.safetensors", plans)
+    # a step costs 1 ms fixed + 1 ms per layer: full depth 9 ms, so 2x needs <= 3.5 layers
+    cost = CostModel(fixed_s=1e-3, per_layer_s=1e-3, num_layers=8, batch_size=8, device="cpu")
+    skip = SkipConfig(strategy="uniform", target_speedup=2.0, basis="measured", adapter=str(path))
+    plan = adapter_plan(skip, 8, cost)
+    assert plan.kept_layers == plans[0].kept_layers and plan.predicted_speedup == pytest.approx(9 / 4)
+    assert adapter_plan(SkipConfig(**{**skip.__dict__, "target_speedup": 1.25}), 8, cost).num_kept == 6
+    with pytest.raises(ValueError, match="has no plan that meets"):
+        adapter_plan(SkipConfig(**{**skip.__dict__, "target_speedup": 3.0}), 8, cost)

@@ -1,0 +1,92 @@
+"""python -m jobs.bench_adaptive: decode tokens/s of skip=adaptive (ADEPT) against uniform layer skipping
+(basis=measured) at the same targets, and against full depth, on ACLSum prompts at batch 1 and 8.
+
+Adaptive thresholds are calibrated once per target on the first `calibration_rows` prompts (as the job
+does) and held fixed here; every configuration of a batch size runs once per repeat, in rotating order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from jobs.common import engine_from_config, setup
+from pipeline.config import SkipConfig, TaskConfig
+from pipeline.corpora import read_aclsum
+from pipeline.generator import build_adaptive_plan
+from pipeline.prompts import PromptBuilder
+from skipengine import SamplingParams, full_plan, make_plan, measure_cost_model
+from skipengine.adaptive import AdaptivePlan
+
+log = logging.getLogger("bench_adaptive")
+
+
+@hydra.main(config_path="../conf", config_name="bench_adaptive", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    setup(cfg.threads)
+    engine = engine_from_config(cfg.model)
+    task = TaskConfig(**OmegaConf.to_container(OmegaConf.load("conf/task/summarize.yaml")))
+    builder = PromptBuilder(task, engine.tokenizer)
+    prompts = [builder.build(r["abstract"]).ids for r in read_aclsum("test")]
+    sampling = SamplingParams(max_new_tokens=cfg.new_tokens, ignore_eos=True)
+    rows = []
+    for batch in cfg.batch_sizes:
+        cost = measure_cost_model(engine, batch)
+        plans = {"full depth": full_plan(engine.num_layers)}
+        for target in cfg.targets:
+            plans[f"uniform x{target:g}"] = make_plan(
+                engine.num_layers, "uniform", target, basis="measured", cost_model=cost
+            )
+            skip = SkipConfig(
+                strategy="adaptive", target_speedup=target, exit_classifiers=cfg.exit_classifiers
+            )
+            plans[f"adaptive x{target:g}"], _ = build_adaptive_plan(
+                skip, engine, prompts[: cfg.calibration_rows]
+            )
+        plans["confidence (CALM) x1.25"] = AdaptivePlan(
+            engine.num_layers,
+            plans[f"adaptive x{cfg.targets[0]:g}"].exit_layers,
+            cfg.confidence_threshold,
+            "confidence",
+            target_speedup=cfg.targets[0],
+        )
+        samples: dict[str, list] = {name: [] for name in plans}
+        work = prompts[cfg.calibration_rows : cfg.calibration_rows + batch]
+        for rep in range(cfg.repeats):
+            names = list(plans)
+            for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                stats = engine.generate(work, plans[name], sampling).stats
+                samples[name].append(stats)
+            log.info("batch %d: repeat %d/%d done", batch, rep + 1, cfg.repeats)
+        full_s = statistics.median(s.decode_s for s in samples["full depth"])
+        for name, runs in samples.items():
+            decode_s = statistics.median(s.decode_s for s in runs)
+            rows.append(
+                {
+                    "batch": batch,
+                    "plan": name,
+                    "detail": str(plans[name]),
+                    "decode_tokens_per_s": statistics.median(s.decode_tokens_per_s for s in runs),
+                    "achieved_decode_speedup": full_s / decode_s,
+                    "decode_layers_per_token": statistics.median(s.decode_layers_per_token for s in runs),
+                    "prefill_layers_per_token": statistics.median(s.prefill_layers_per_token for s in runs),
+                }
+            )
+    print(
+        f"{'batch':>5} {'plan':<26} {'dec tok/s':>9} {'dec x':>6} {'layers/tok':>10} {'prefill layers':>14}"
+    )
+    for r in rows:
+        print(
+            f"{r['batch']:>5} {r['plan']:<26} {r['decode_tokens_per_s']:>9.1f} "
+            f"{r['achieved_decode_speedup']:>6.2f} {r['decode_layers_per_token']:>10.1f} "
+            f"{r['prefill_layers_per_token']:>14.1f}"
+        )
+    print(json.dumps({"bench": "adaptive", "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""python -m jobs.train_exits: exit classifiers for skip=adaptive, from full-depth traces of unlabeled
+text: a finished jobs.generate run's prompts and outputs (run_dir=...), i.e. your own corpus as the model
+reads and writes it. Writes `out` (a safetensors file tied to the model) and prints per-exit stats."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import pyarrow.parquet as pq
+from omegaconf import DictConfig
+
+from jobs.common import setup
+from skipengine import load_model
+from skipengine.adaptive import exit_layers_for
+from skipengine.exits import save_exit_classifiers, train_exit_classifiers
+from skipengine.perplexity import windows
+
+log = logging.getLogger("train_exits")
+
+
+@hydra.main(config_path="../conf", config_name="train_exits", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    setup(cfg.threads)
+    if not (Path(cfg.run_dir) / "outputs").is_dir():
+        raise ValueError(f"run_dir={cfg.run_dir!r} is not a finished jobs.generate run (no outputs/)")
+    model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
+    rows = pq.read_table(Path(cfg.run_dir) / "outputs", columns=["prompt", "generated_text"]).to_pylist()
+    stream = []
+    for r in rows:
+        if r["generated_text"]:
+            stream += tokenizer(r["prompt"] + r["generated_text"], add_special_tokens=False)["input_ids"]
+    chunks = windows(stream, cfg.window_tokens, len(stream) // cfg.window_tokens)
+    exits = exit_layers_for(model.config.num_hidden_layers, cfg.exit_every, cfg.min_depth)
+    log.info("%d windows of %d tokens, exit points after layers %s", len(chunks), cfg.window_tokens, exits)
+    classifiers, stats = train_exit_classifiers(model, chunks, exits, cfg.steps, cfg.lr, cfg.width)
+    save_exit_classifiers(classifiers, cfg.out, model, run_dir=str(cfg.run_dir), windows=len(chunks))
+    for layer, s in stats.items():
+        log.info(
+            "exit after layer %d: %.1f%% already final, accuracy %.3f",
+            layer,
+            100 * s["already_final"],
+            s["accuracy"],
+        )
+    print(json.dumps({"out": cfg.out, "stats": stats}))
+
+
+if __name__ == "__main__":
+    main()
