@@ -23,6 +23,8 @@ class ModelConfig:
     device: str = "cpu"
     dtype: str = "float32"
     trust_remote_code: bool = False
+    # task name -> the skip-aware adapter shipped for this model (uniform plans); used by skip.adapter=auto
+    adapters: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -52,7 +54,9 @@ class SkipConfig:
     seed: int = 0
     # calibrate a full-depth cost model in each actor, so per-batch stats report the achieved speedup
     measure_achieved: bool = True
-    adapter: str | None = None  # a skip-aware LoRA adapter (jobs.finetune) trained for this model and plan
+    # a skip-aware LoRA adapter (jobs.finetune) for this model and plan; "auto": the model's shipped adapter
+    # for the task when the strategy is uniform, else none
+    adapter: str | None = None
     # strategy=adaptive (ADEPT): per-token exits; see conf/skip/adaptive.yaml
     exit_classifiers: str | None = None  # jobs.train_exits output (criterion=classifier)
     criterion: str = "classifier"  # or "confidence" (an LM-head check, CALM's baseline)
@@ -109,6 +113,17 @@ class JobConfig:
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"{key}={value!r} is not valid; use one of: {', '.join(valid)}")
+
+
+def resolve_adapter(cfg: JobConfig) -> None:
+    """skip.adapter=auto -> a path or None (see SkipConfig.adapter); adapter and exit-classifier paths
+    made absolute, since actors may not share the driver's working directory."""
+    if cfg.skip.adapter == "auto":
+        shipped = cfg.model.adapters.get(cfg.task.name) if cfg.skip.strategy == "uniform" else None
+        cfg.skip.adapter = shipped
+    for key in ("adapter", "exit_classifiers"):
+        if getattr(cfg.skip, key):
+            setattr(cfg.skip, key, str(Path(getattr(cfg.skip, key)).expanduser().resolve()))
 
 
 def validate(cfg: JobConfig) -> None:

@@ -20,7 +20,7 @@ import ray
 from transformers import AutoConfig
 
 from pipeline import sources
-from pipeline.config import JobConfig, validate
+from pipeline.config import JobConfig, resolve_adapter, validate
 from pipeline.generator import Generator
 from pipeline.progress import Progress
 from pipeline.rundir import RunDir
@@ -70,6 +70,7 @@ def drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
 
 
 def run_job(cfg: JobConfig) -> dict:
+    resolve_adapter(cfg)
     validate(cfg)
     check_plan_up_front(cfg)
     run = RunDir(cfg.output.dir)
