@@ -124,3 +124,22 @@ def test_measured_basis_picks_the_adapters_deepest_plan_that_meets_the_target(tm
     assert adapter_plan(SkipConfig(**{**skip.__dict__, "target_speedup": 1.25}), 8, cost).num_kept == 6
     with pytest.raises(ValueError, match="has no plan that meets"):
         adapter_plan(SkipConfig(**{**skip.__dict__, "target_speedup": 3.0}), 8, cost)
+
+
+def test_perplexity_at_full_depth_equals_hf_loss_and_rises_when_skipping(llama):
+    import math
+
+    from skipengine.perplexity import perplexity, windows
+
+    stream = [(11 * i) % 300 + 5 for i in range(200)]
+    chunks = windows(stream, 48, 3)
+    assert len(chunks) == 3 and chunks[1] == stream[48:96]
+    ours = perplexity(llama, chunks, None, context=8, batch_size=2)
+    ids = torch.tensor(chunks)
+    labels = ids.clone()
+    labels[:, :8] = -100  # HF shifts labels itself: the first 8 tokens play the prompt
+    with torch.no_grad():
+        loss = llama(input_ids=ids, labels=labels).loss
+    assert ours["tokens"] == 3 * 40 and ours["perplexity"] == pytest.approx(math.exp(loss.item()), rel=1e-4)
+    skipped = perplexity(llama, chunks, make_plan(8, "uniform", 2.0), context=8, batch_size=2)
+    assert skipped["perplexity"] != pytest.approx(ours["perplexity"], rel=1e-3)
