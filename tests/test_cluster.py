@@ -24,12 +24,18 @@ def two_nodes():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
     cluster.add_node(num_cpus=3)
     cluster.wait_for_nodes()
+    # the pool starts dispatching as soon as one actor is up, and gives each block to the least busy
+    # actor: with tiny work the first actor is idle again before the next block arrives and takes them
+    # all. So this test waits for both actors and gives each batch real work (task.max_new_tokens).
+    context = ray.data.DataContext.get_current()
+    before, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 120
     yield cluster
+    context.wait_for_min_actors_s = before
     cluster.shutdown()
 
 
 def test_job_runs_on_both_nodes_with_local_outputs(tmp_path, tiny_model_dir, two_nodes):
-    data = write_jsonl(tmp_path / "c.jsonl", corpus_rows(16))
+    data = write_jsonl(tmp_path / "c.jsonl", corpus_rows(24))
     distributed = job(
         tiny_model_dir,
         data,
@@ -41,15 +47,17 @@ def test_job_runs_on_both_nodes_with_local_outputs(tmp_path, tiny_model_dir, two
             "cpus_per_actor": 2,
             "batch_size": 2,
         },
+        task={"max_new_tokens": 32},
     )
     summary = run_job(distributed)
-    assert summary["ids_check"]["ok"] and summary["rows_ok"] == 16
+    assert summary["ids_check"]["ok"] and summary["rows_ok"] == 24
     out = read_outputs(tmp_path / "cluster")
     nodes = {r["node"] for r in out}
-    assert len(nodes) == 2, f"rows ran on {len(nodes)} node(s)"
+    placement = sorted({(r["actor"], r["node"]) for r in out})
+    assert len(nodes) == 2, f"rows ran on {len(nodes)} node(s): {placement}"
     two_nodes.shutdown()  # so that the local run below starts its own Ray instead of joining this one
 
-    summary_local = run_job(job(tiny_model_dir, data, tmp_path / "local"))
+    summary_local = run_job(job(tiny_model_dir, data, tmp_path / "local", task={"max_new_tokens": 32}))
     assert summary_local["ids_check"]["ok"]
     local = read_outputs(tmp_path / "local")
     assert [(r["id"], r["generated_text"]) for r in out] == [(r["id"], r["generated_text"]) for r in local]
