@@ -12,10 +12,10 @@ import logging
 import statistics
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from jobs.common import engine_from_config, setup
-from pipeline.config import SkipConfig, TaskConfig
+from jobs.common import engine_from_config, setup, task_config
+from pipeline.config import SkipConfig
 from pipeline.corpora import read_aclsum
 from pipeline.generator import build_adaptive_plan
 from pipeline.prompts import PromptBuilder
@@ -29,8 +29,7 @@ log = logging.getLogger("bench_adaptive")
 def main(cfg: DictConfig) -> None:
     setup(cfg.threads)
     engine = engine_from_config(cfg.model)
-    task = TaskConfig(**OmegaConf.to_container(OmegaConf.load("conf/task/summarize.yaml")))
-    builder = PromptBuilder(task, engine.tokenizer)
+    builder = PromptBuilder(task_config("summarize"), engine.tokenizer)
     prompts = [builder.build(r["abstract"]).ids for r in read_aclsum("test")]
     sampling = SamplingParams(max_new_tokens=cfg.new_tokens, ignore_eos=True)
     rows = []

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from jobs.common import setup
+from jobs.common import setup, task_config
 from pipeline.config import SkipConfig, TaskConfig
 from pipeline.corpora import BIBLE_SPLITS, read_aclsum, read_austen, read_bible
 from pipeline.generator import build_adaptive_plan
@@ -33,11 +33,6 @@ from skipengine.perplexity import perplexity, windows
 from skipengine.plan import SkipPlan
 
 log = logging.getLogger("bench_quality")
-CONF = Path(__file__).resolve().parent.parent / "conf"
-
-
-def task_config(name: str) -> TaskConfig:
-    return TaskConfig(**OmegaConf.to_container(OmegaConf.load(CONF / "task" / f"{name}.yaml")))
 
 
 def generate_all(engine: Engine, plan, task: TaskConfig, texts: list[str], batch_size: int, skip=None):

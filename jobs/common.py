@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import TaskConfig
 from skipengine import Engine, load_model
 
 
@@ -24,3 +27,17 @@ def engine_from_config(model_cfg: DictConfig) -> Engine:
         trust_remote_code=model_cfg.trust_remote_code,
     )
     return Engine(model, tokenizer)
+
+
+def task_config(name: str) -> TaskConfig:
+    """conf/task/<name>.yaml as a TaskConfig, for jobs that run several tasks outside Hydra's groups."""
+    conf = Path(__file__).resolve().parent.parent / "conf" / "task" / f"{name}.yaml"
+    return TaskConfig(**OmegaConf.to_container(OmegaConf.load(conf)))
+
+
+def run_pairs(run_dir: str | None) -> list[tuple[str, str]]:
+    """(prompt, generated text) of every ok row of a finished jobs.generate run."""
+    if not run_dir or not (Path(run_dir) / "outputs").is_dir():
+        raise ValueError(f"run_dir={run_dir!r} is not a finished jobs.generate run (no outputs/)")
+    rows = pq.read_table(Path(run_dir) / "outputs", columns=["prompt", "generated_text"]).to_pylist()
+    return [(r["prompt"], r["generated_text"]) for r in rows if r["generated_text"]]

@@ -10,13 +10,11 @@ corpus=run     a finished jobs.generate run (run_dir=...): its prompts -> its ge
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
-import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from jobs.common import setup
+from jobs.common import run_pairs, setup
 from pipeline.config import TaskConfig
 from pipeline.corpora import BIBLE_SPLITS, read_aclsum, read_bible
 from pipeline.prompts import PromptBuilder
@@ -35,10 +33,7 @@ def pairs_for(cfg: DictConfig) -> list[tuple[str, str]]:
     if cfg.corpus == "aclsum":
         return [(r["abstract"], r["summary"]) for r in read_aclsum("train")][: cfg.examples]
     if cfg.corpus == "run":
-        if not cfg.run_dir or not (Path(cfg.run_dir) / "outputs").is_dir():
-            raise ValueError(f"corpus=run needs run_dir= a finished jobs.generate run; got {cfg.run_dir!r}")
-        rows = pq.read_table(Path(cfg.run_dir) / "outputs", columns=["prompt", "generated_text"]).to_pylist()
-        return [(r["prompt"], r["generated_text"]) for r in rows if r["generated_text"]][: cfg.examples]
+        return run_pairs(cfg.run_dir)[: cfg.examples]
     raise ValueError(f"corpus={cfg.corpus!r} is unknown; use bible, aclsum or run")
 
 

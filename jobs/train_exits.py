@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import hydra
-import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
-from jobs.common import setup
+from jobs.common import run_pairs, setup
 from skipengine import load_model
 from skipengine.adaptive import exit_layers_for
 from skipengine.exits import save_exit_classifiers, train_exit_classifiers
@@ -24,14 +22,11 @@ log = logging.getLogger("train_exits")
 @hydra.main(config_path="../conf", config_name="train_exits", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     setup(cfg.threads)
-    if not (Path(cfg.run_dir) / "outputs").is_dir():
-        raise ValueError(f"run_dir={cfg.run_dir!r} is not a finished jobs.generate run (no outputs/)")
+    pairs = run_pairs(cfg.run_dir)
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
-    rows = pq.read_table(Path(cfg.run_dir) / "outputs", columns=["prompt", "generated_text"]).to_pylist()
     stream = []
-    for r in rows:
-        if r["generated_text"]:
-            stream += tokenizer(r["prompt"] + r["generated_text"], add_special_tokens=False)["input_ids"]
+    for prompt, generated in pairs:
+        stream += tokenizer(prompt + generated, add_special_tokens=False)["input_ids"]
     chunks = windows(stream, cfg.window_tokens, len(stream) // cfg.window_tokens)
     exits = exit_layers_for(model.config.num_hidden_layers, cfg.exit_every, cfg.min_depth)
     log.info("%d windows of %d tokens, exit points after layers %s", len(chunks), cfg.window_tokens, exits)

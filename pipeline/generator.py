@@ -41,6 +41,7 @@ from skipengine.adaptive import (
     exit_layers_for,
     exit_probabilities,
     kv_fraction,
+    layer_speedup,
     threshold_for_target,
 )
 from skipengine.calibrate import achieved_decode_speedup, measure_cost_model
@@ -150,10 +151,11 @@ class Generator:
         )
         self.engine = Engine(model, tokenizer)
         self.prompts = PromptBuilder(cfg.task, tokenizer)
-        self.controller = None
+        self.controller, self.kv_price = None, 0.0  # kv_price: layers per K/V fill (adaptive exits)
         if cfg.skip.strategy == "adaptive":
             calibration = [p.ids for p in map(self.prompts.build, calibration_texts or []) if p.ids]
             self.plan, self.controller = build_adaptive_plan(cfg.skip, self.engine, calibration)
+            self.kv_price = kv_fraction(self.engine.adapter)
             self.costs = []
         else:
             self.plan, self.costs = build_plan(cfg.skip, self.engine, cfg.cluster.batch_size)
@@ -287,11 +289,7 @@ class Generator:
             "prefill_layers_per_token": prefill_layers,
             "decode_layers_per_token": decode_layers,
             "exit_threshold": getattr(self.plan, "threshold", None),
-            "achieved_layer_speedup": (
-                self.controller.achieved(decode_layers)
-                if self.controller
-                else self.plan.num_layers / decode_layers
-            ),
+            "achieved_layer_speedup": layer_speedup(self.plan.num_layers, decode_layers, self.kv_price),
             "target_speedup": self.plan.target_speedup,
             "predicted_speedup": self.plan.predicted_speedup,
             "achieved_decode_speedup_est": achieved,

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from skipengine.cache import StaticKVCache
+
 CRITERIA = ("classifier", "confidence", "fixed")  # fixed: every token leaves at the first exit point
 KV_FILLS = ("decoupled", "propagate", "exact")
 
@@ -260,7 +262,7 @@ def exit_probabilities(engine, prompts: list[list[int]], exit_layers: tuple[int,
         positions = torch.arange(len(ids), device=engine.device)[None]
         pad = torch.zeros(1, dtype=torch.long, device=engine.device)
         ropes, masks = engine.layer_inputs(hidden, positions, pad, 0, range(ad.num_layers))
-        cache = _NoCache()
+        cache = StaticKVCache((), 1, ad.num_kv_heads, 0, ad.head_dim, hidden.dtype, engine.device)
         per_exit = []
         for i in range(max(exit_layers) + 1):
             hidden = engine.layer(i, hidden, ropes, masks, 0, cache)
@@ -271,11 +273,11 @@ def exit_probabilities(engine, prompts: list[list[int]], exit_layers: tuple[int,
     return torch.cat(out, dim=1).cpu()
 
 
-class _NoCache:
-    """A forward over a whole sequence needs no cache."""
-
-    def owns(self, layer: int) -> bool:
-        return False
+def layer_speedup(num_layers: int, layers_per_token: float, kv: float) -> float:
+    """L / layer-equivalents per token: a token that ran n layers filled K/V for the L - n it skipped
+    (kv = 0 for static plans, which fill nothing)."""
+    cost = layers_per_token + kv * (num_layers - layers_per_token)
+    return num_layers / max(cost, 1e-9)
 
 
 class ThresholdController:
@@ -286,13 +288,8 @@ class ThresholdController:
         self.threshold, self.target, self.gain = threshold, target, gain
         self.num_layers, self.kv = num_layers, kv
 
-    def achieved(self, layers_per_token: float) -> float:
-        """L / layer-equivalents: a token that ran n layers filled K/V for the L - n it skipped."""
-        cost = layers_per_token + self.kv * (self.num_layers - layers_per_token)
-        return self.num_layers / max(cost, 1e-9)
-
     def update(self, layers_per_token: float) -> float:
-        achieved = self.achieved(layers_per_token)
+        achieved = layer_speedup(self.num_layers, layers_per_token, self.kv)
         miss = (self.target - achieved) / self.target  # > 0: too slow, exit more
         self.threshold = min(1.0, max(0.0, self.threshold - self.gain * miss))
         return self.threshold
