@@ -28,23 +28,26 @@ from pipeline.generator import build_adaptive_plan
 from pipeline.metrics import score_task
 from pipeline.prompts import PromptBuilder
 from skipengine import Engine, SamplingParams, load_model, make_plan, measure_cost_model
-from skipengine.finetune import load_adapter
-from skipengine.perplexity import perplexity, windows
+from skipengine.adaptive import kv_fraction, layer_speedup
+from skipengine.lora import load_adapter
+from skipengine.perplexity import adaptive_perplexity, perplexity, windows
 from skipengine.plan import SkipPlan
 
 log = logging.getLogger("bench_quality")
 
 
 def generate_all(engine: Engine, plan, task: TaskConfig, texts: list[str], batch_size: int, skip=None):
-    """(generated texts, decode seconds, decode row-steps, decode layers per token). skip=adaptive: the
-    job's calibration (the first rows) and per-batch threshold controller."""
+    """(generated texts, decode seconds, decode row-steps, decode layers per token, per-batch layer
+    speedups). skip=adaptive: the job's calibration (the first rows) and per-batch threshold controller;
+    a batch's speedup prices the K/V fills as the job's stats do (static plans: the kept layers)."""
     prompts = PromptBuilder(task, engine.tokenizer)
     sampling = SamplingParams(max_new_tokens=task.max_new_tokens, stop=tuple(task.stop))
     ids = [prompts.build(t).ids for t in texts]
-    controller = None
+    controller, kv = None, 0.0
     if skip is not None:
         plan, controller = build_adaptive_plan(skip, engine, ids[: skip.calibration_rows])
-    out, decode_s, row_steps, layers = [], 0.0, 0, 0.0
+        kv = kv_fraction(engine.adapter)
+    out, decode_s, row_steps, layers, per_batch = [], 0.0, 0, 0.0, []
     for i in range(0, len(texts), batch_size):
         stats = engine.generate(ids[i : i + batch_size], plan, sampling)
         out += [r.text for r in stats.rows]
@@ -52,9 +55,11 @@ def generate_all(engine: Engine, plan, task: TaskConfig, texts: list[str], batch
         decode_s += stats.decode_s
         row_steps += stats.decode_row_steps
         layers += stats.decode_layers_per_token * stats.decode_row_steps
+        if stats.decode_row_steps:
+            per_batch.append(layer_speedup(engine.num_layers, stats.decode_layers_per_token, kv))
         if controller is not None and stats.decode_row_steps:
             plan = dataclasses.replace(plan, threshold=controller.update(stats.decode_layers_per_token))
-    return out, decode_s, row_steps, layers / max(1, row_steps)
+    return out, decode_s, row_steps, layers / max(1, row_steps), per_batch
 
 
 def plan_for(run: DictConfig, num_layers: int, cost) -> SkipPlan:
@@ -72,22 +77,29 @@ def evaluate(run: DictConfig, base, tokenizer, data: dict, cfg: DictConfig, cost
             exit_classifiers=run.exit_classifiers,
             criterion=run.get("criterion", "classifier"),
             threshold=run.get("threshold"),
+            kv_fill=run.get("kv_fill", "decoupled"),
+            controller=run.get("controller", True),
         )
     else:
         plan = plan_for(run, base.config.num_hidden_layers, cost)
     model = load_adapter(copy.deepcopy(base), run.adapter, plan) if run.get("adapter") else base
     engine = Engine(model, tokenizer)
     start = time.perf_counter()
-    summaries, decode_s, row_steps, layers = generate_all(
+    summaries, decode_s, row_steps, layers, batch_speedups = generate_all(
         engine, plan, task_config("summarize"), data["abstracts"], cfg.batch_size, skip
     )
     rouge = score_task("summarize", summaries, data["summaries"])
-    translations, *_ = generate_all(
+    translations, *_, bible_speedups = generate_all(
         engine, plan, task_config("translate"), data["english"], cfg.batch_size, skip
     )
     bible = score_task("translate", translations, data["spanish"])
-    # perplexity runs the parallel teacher-forced forward, which takes static plans only
-    ppl = perplexity(model, data["windows"], plan, cfg.context, cfg.batch_size) if plan else None
+    if skip is None:
+        ppl = perplexity(model, data["windows"], plan, cfg.context, cfg.batch_size)
+    else:  # calibrated on the text's first windows, as the job calibrates on the corpus's first rows
+        ppl_plan, _ = build_adaptive_plan(skip, engine, data["windows"][: skip.calibration_rows])
+        ppl = adaptive_perplexity(engine, data["windows"], ppl_plan, cfg.context)
+    on_target = [abs(s / run.target - 1) <= 0.05 for s in batch_speedups + bible_speedups]
+    kv = kv_fraction(engine.adapter) if skip else 0.0
     row = {
         "name": run.name,
         "strategy": run.strategy,
@@ -102,7 +114,12 @@ def evaluate(run: DictConfig, base, tokenizer, data: dict, cfg: DictConfig, cost
         "rougeL_ci": [rouge["rougeL"]["ci_low"], rouge["rougeL"]["ci_high"]],
         "bleu": bible["bleu"]["score"],
         "chrf": bible["chrf"]["score"],
-        "perplexity": ppl["perplexity"] if ppl else None,
+        "perplexity": ppl["perplexity"],
+        "perplexity_layer_speedup": ppl.get("layer_speedup"),
+        # the fixed-speedup contract, batch by batch (layers basis, K/V fills priced)
+        "batch_layer_speedups": {"summarize": batch_speedups, "translate": bible_speedups},
+        "batches_within_5pct": f"{sum(on_target)}/{len(on_target)}" if skip else None,
+        "achieved_layer_speedup": layer_speedup(engine.num_layers, layers, kv),
         "seconds": time.perf_counter() - start,
         "example_summary": summaries[0],
     }
@@ -115,18 +132,21 @@ def write_report(rows: list[dict], out_dir: Path) -> None:
     wall-clock ratio of each plan is bench_decode's and bench_adaptive's job: per-token decode time in
     this sweep depends on how long each run's rows stay in the batch, which the quality changes)."""
     full = next((r for r in rows if r["strategy"] == "none"), None)
-    for r in rows:
-        r["layer_speedup"] = full["decode_layers_per_token"] / r["decode_layers_per_token"]
+    for r in rows:  # adaptive runs price their K/V fills, as the job's stats do
+        r["layer_speedup"] = r.get("achieved_layer_speedup") or (
+            full["decode_layers_per_token"] / r["decode_layers_per_token"]
+        )
     lines = [
-        "| run | decode layers/token | speedup (layers) | ROUGE-L (% of full) | ROUGE-1 | BLEU | chrF "
-        "| perplexity |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | decode layers/token | speedup (layers) | batches within 5% | ROUGE-L (% of full) | ROUGE-1 "
+        "| BLEU | chrF | perplexity |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         keep = f" ({100 * r['rougeL'] / full['rougeL']:.0f}%)" if full else ""
         lines.append(
             f"| {r['name']} | {r['decode_layers_per_token']:.1f} | {r['layer_speedup']:.2f} "
-            f"| {r['rougeL']:.2f}{keep} | {r['rouge1']:.2f} | {r['bleu']:.2f} | {r['chrf']:.2f} | "
+            f"| {r.get('batches_within_5pct') or 'static'} | {r['rougeL']:.2f}{keep} | {r['rouge1']:.2f} "
+            f"| {r['bleu']:.2f} | {r['chrf']:.2f} | "
             + (f"{r['perplexity']:.1f} |" if r["perplexity"] else "n/a |")
         )
     (out_dir / "quality.md").write_text("\n".join(lines) + "\n")

@@ -1,5 +1,6 @@
-"""python -m jobs.finetune: trains a skip-aware LoRA adapter (ULS or self-distillation) and writes
-out_dir/adapter.safetensors, with loss curves in out_dir/log.jsonl; rerunning resumes.
+"""python -m jobs.finetune: trains a skip-aware LoRA adapter (ULS or self-distillation; method=full
+fine-tunes every decoder weight instead) and writes out_dir/adapter.safetensors, with loss curves in
+out_dir/log.jsonl; rerunning resumes.
 
 corpus=bible   EN->ES verse pairs of the Bible train range (task=translate)
 corpus=aclsum  ACLSum train abstracts -> human summaries (task=summarize)
@@ -65,6 +66,7 @@ def main(cfg: DictConfig) -> None:
         log.info("plan: %s", plan)
     config = TrainConfig(
         loss=cfg.loss,
+        method=cfg.method,
         steps=cfg.steps,
         batch_size=cfg.batch_size,
         max_len=cfg.max_len,

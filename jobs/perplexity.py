@@ -1,7 +1,9 @@
 """python -m jobs.perplexity: perplexity of the model under a skip plan (and its adapter) on held-out text.
 
 The first `context` tokens of each window run the plan's prefill layers, the rest the kept layers, as
-in generation (skipengine.perplexity). Prints one JSON line; writes it to `out` when given.
+in generation (skipengine.perplexity). skip=adaptive: every token exits by the rule, at the threshold
+calibrated on the text's first windows (as the job calibrates on the corpus's first rows). Prints one
+JSON line; writes it to `out` when given.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from jobs.common import setup
 from pipeline.config import SkipConfig
 from pipeline.corpora import read_austen
-from pipeline.generator import build_plan
+from pipeline.generator import build_adaptive_plan, build_plan
 from skipengine import Engine, load_model
-from skipengine.finetune import load_adapter
-from skipengine.perplexity import perplexity, windows
+from skipengine.lora import load_adapter
+from skipengine.perplexity import adaptive_perplexity, perplexity, windows
 
 log = logging.getLogger("perplexity")
 TEXTS = {"austen": read_austen}
@@ -32,13 +34,17 @@ def main(cfg: DictConfig) -> None:
         raise ValueError(f"text={cfg.text!r} is unknown; use one of {', '.join(TEXTS)}")
     skip = SkipConfig(**OmegaConf.to_container(cfg.skip))
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
-    plan, _ = build_plan(skip, Engine(model, tokenizer), cfg.batch_size)
-    if skip.adapter:
-        model = load_adapter(model, skip.adapter, plan)
+    engine = Engine(model, tokenizer)
     ids = tokenizer(TEXTS[cfg.text](), add_special_tokens=False)["input_ids"]
-    result = perplexity(
-        model, windows(ids, cfg.window_tokens, cfg.windows), plan, cfg.context, cfg.batch_size
-    )
+    chunks = windows(ids, cfg.window_tokens, cfg.windows)
+    if skip.strategy == "adaptive":
+        plan, _ = build_adaptive_plan(skip, engine, chunks[: skip.calibration_rows])
+        result = adaptive_perplexity(engine, chunks, plan, cfg.context)
+    else:
+        plan, _ = build_plan(skip, engine, cfg.batch_size)
+        if skip.adapter:
+            model = load_adapter(model, skip.adapter, plan)
+        result = perplexity(model, chunks, plan, cfg.context, cfg.batch_size)
     row = {"text": cfg.text, "plan": str(plan), "kept": plan.num_kept, "adapter": skip.adapter, **result}
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ from skipengine.adaptive import (
 )
 from skipengine.calibrate import achieved_decode_speedup, measure_cost_model
 from skipengine.exits import load_exit_classifiers
-from skipengine.finetune import adapter_plans, load_adapter
+from skipengine.lora import adapter_plans, load_adapter
 
 log = logging.getLogger(__name__)
 

@@ -211,6 +211,10 @@ def summarize(
             if tokens_now
             else None
         ),
+        # the fixed-speedup contract batch by batch, for adaptive exits (static plans meet it by construction)
+        "batches_within_5pct": on_target(stats, cfg.skip.target_speedup)
+        if cfg.skip.strategy == "adaptive"
+        else None,
         "ids_check": {
             "ok": not missing and not duplicated and not unexpected,
             "missing": len(missing),
@@ -226,6 +230,12 @@ def summarize(
     return summary
 
 
+def on_target(stats: list[dict], target: float) -> str:
+    """'N/M': of the M batches that decoded, N achieved a layer speedup within 5% of the target."""
+    decoded = [r["achieved_layer_speedup"] for r in stats if r["tokens_out"]]
+    return f"{sum(abs(s / target - 1) <= 0.05 for s in decoded)}/{len(decoded)}"
+
+
 def human_summary(summary: dict) -> str:
     check = "all input ids have exactly one output row" if summary["ids_check"]["ok"] else "ID MISMATCH"
     speed = summary["achieved_decode_speedup_est"]
@@ -237,6 +247,11 @@ def human_summary(summary: dict) -> str:
         f"plan: {summary['plan']}",
         f"decode speedup: target {summary['target_speedup']:g}x, achieved (estimated from calibration) "
         + (f"{speed:.2f}x" if speed else "n/a"),
-        f"results: {Path(summary['output_dir']).resolve()}",
     ]
+    if summary.get("batches_within_5pct"):
+        lines.append(
+            f"adaptive exits: layer speedup {summary['achieved_layer_speedup']:.2f}x, "
+            f"{summary['batches_within_5pct']} batches within 5% of the target"
+        )
+    lines.append(f"results: {Path(summary['output_dir']).resolve()}")
     return "\n".join(lines)

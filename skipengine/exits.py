@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from skipengine.adaptive import ExitClassifiers
-from skipengine.finetune import base_model, fingerprint
+from skipengine.lora import base_model, fingerprint
 
 log = logging.getLogger(__name__)
 FORMAT = "skipengine-exits-1"

@@ -5,14 +5,14 @@
 - Self-distillation: the same forward, but the target is the full-depth model's next-token distribution
   (KL), so any unlabeled text of the user's will do.
 
-LoRA adapters (peft) are trained and saved as one small safetensors file whose metadata ties it to the
-base model and the plan(s) it was trained for; `load_adapter` refuses anything else and merges it into
-the weights, so the engine runs at full speed.
+LoRA adapters (peft) by default, full fine-tuning of every decoder weight as an option; either is saved
+as one safetensors file whose metadata ties it to the base model and the plan(s) it was trained for
+(skipengine.lora loads and merges them). A LoRA file is ~20 MB; a full one is the whole decoder.
 """
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
 import logging
 import math
@@ -20,20 +20,22 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from skipengine.depth import plan_runs, token_depth
+from skipengine.lora import FORMAT, FULL_FORMAT, base_model, fingerprint, plan_key
 from skipengine.plan import SkipPlan
 
 log = logging.getLogger(__name__)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FULL_PREFIXES = ("model.layers.", "model.norm.")  # what full fine-tuning trains
 
 
 @dataclass(frozen=True)
@@ -66,11 +68,6 @@ def collate(examples: Sequence[Example], pad_id: int, max_len: int) -> dict[str,
     return batch
 
 
-def base_model(model: nn.Module) -> nn.Module:
-    """The HF model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def response_logits(model: nn.Module, batch: dict[str, torch.Tensor], plan: SkipPlan | None) -> torch.Tensor:
     """Logits [N, V] at the N positions that predict a response token (position t predicts t+1), with
     prompt tokens through plan.prefill_layers and the rest through plan.kept_layers (plan None: full
@@ -90,33 +87,32 @@ def uls_loss(model: nn.Module, batch: dict[str, torch.Tensor], plan: SkipPlan) -
     return F.cross_entropy(response_logits(model, batch, plan).float(), targets)
 
 
-def distill_loss(model: nn.Module, batch: dict[str, torch.Tensor], plan: SkipPlan) -> torch.Tensor:
-    """KL(full-depth teacher || skipping student) on the response positions; the teacher is the same
-    weights with the LoRA adapter switched off."""
-    with torch.no_grad(), model.disable_adapter():
-        teacher = response_logits(model, batch, None)
+def distill_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], plan: SkipPlan, teacher: nn.Module | None = None
+) -> torch.Tensor:
+    """KL(full-depth teacher || skipping student) on the response positions. The teacher is a frozen
+    copy of the base model (full fine-tuning) or, with teacher None, the same weights with the LoRA
+    adapter switched off."""
+    with torch.no_grad():
+        if teacher is None:
+            with model.disable_adapter():
+                target = response_logits(model, batch, None)
+        else:
+            target = response_logits(teacher, batch, None)
     student = response_logits(model, batch, plan)
     return F.kl_div(
         F.log_softmax(student.float(), -1),
-        F.log_softmax(teacher.float(), -1),
+        F.log_softmax(target.float(), -1),
         log_target=True,
         reduction="batchmean",
     )
 
 
 LOSSES: dict[str, Callable] = {"uls": uls_loss, "distill": distill_loss}
+METHODS = ("lora", "full")  # full: every decoder weight trains; embeddings (tied to the head) stay frozen
 
 
-# -- adapters ------------------------------------------------------------------------------------
-
-
-def fingerprint(model: nn.Module) -> str:
-    """Identifies the base weights: architecture sizes plus a slice of the embedding matrix."""
-    model = base_model(model)
-    config = model.config
-    head = model.get_input_embeddings().weight.detach()[:4, :16].float().cpu().numpy().tobytes()
-    sizes = f"{config.model_type}:{config.hidden_size}:{config.num_hidden_layers}:{config.vocab_size}"
-    return hashlib.sha1(sizes.encode() + head).hexdigest()[:16]
+# -- adapters (the file format and merging live in skipengine.lora) ------------------------------
 
 
 def add_lora(model: nn.Module, rank: int = 16, alpha: int = 32, dropout: float = 0.0) -> nn.Module:
@@ -124,63 +120,50 @@ def add_lora(model: nn.Module, rank: int = 16, alpha: int = 32, dropout: float =
     return get_peft_model(model, config)
 
 
-def plan_key(plan: SkipPlan) -> str:
-    return f"{plan.prefill}:{','.join(map(str, plan.kept_layers))}"
+def make_trainable(model: nn.Module, method: str, rank: int, alpha: int) -> nn.Module:
+    if method not in METHODS:
+        raise ValueError(f"finetune.method={method!r} is unknown; use one of {', '.join(METHODS)}")
+    if method == "lora":
+        return add_lora(model, rank, alpha)
+    model.requires_grad_(False)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(FULL_PREFIXES))
+    return model
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changed: the LoRA weights (peft's keys), or every trainable weight."""
+    if hasattr(model, "peft_config"):
+        return get_peft_model_state_dict(model)
+    return {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    if hasattr(model, "peft_config"):
+        set_peft_model_state_dict(model, state)
+    else:
+        model.load_state_dict(state, strict=False)
 
 
 def save_adapter(model: nn.Module, path: str | Path, plans: Sequence[SkipPlan], **info) -> Path:
-    """The LoRA weights, tied to this base model and these plans (metadata)."""
-    lora = model.peft_config["default"]
+    """The trained weights (LoRA, or every decoder weight for full fine-tuning), tied to this base model
+    and these plans (metadata)."""
+    lora = getattr(model, "peft_config", {}).get("default")
     metadata = {
-        "format": "skipengine-lora-1",
+        "format": FORMAT if lora else FULL_FORMAT,
         "base_fingerprint": fingerprint(model),
         "plans": json.dumps(sorted({plan_key(p) for p in plans})),
-        "rank": str(lora.r),
-        "alpha": str(lora.lora_alpha),
         "info": json.dumps(info),
     }
+    if lora:
+        metadata |= {"rank": str(lora.r), "alpha": str(lora.lora_alpha)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    state = {k: v.detach().contiguous() for k, v in trained_state(model).items()}
     tmp = path.with_suffix(".tmp")
     save_file(state, tmp, metadata=metadata)
     tmp.rename(path)
     return path
-
-
-def adapter_metadata(path: str | Path) -> dict:
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != "skipengine-lora-1":
-        raise ValueError(f"skip.adapter={str(path)!r} is not a skipengine adapter file")
-    return meta
-
-
-def adapter_plans(path: str | Path) -> list[tuple[str, tuple[int, ...]]]:
-    """(prefill mode, kept layers) of every plan the adapter was trained for."""
-    plans = []
-    for key in json.loads(adapter_metadata(path)["plans"]):
-        prefill, _, kept = key.partition(":")
-        plans.append((prefill, tuple(int(i) for i in kept.split(","))))
-    return plans
-
-
-def load_adapter(model: nn.Module, path: str | Path, plan: SkipPlan) -> nn.Module:
-    """The model with the adapter merged into its weights; refuses another base model or plan."""
-    meta = adapter_metadata(path)
-    if meta["base_fingerprint"] != fingerprint(model):
-        raise ValueError(
-            f"skip.adapter={str(path)!r} was trained on a different base model; train one for this model"
-        )
-    plans = json.loads(meta["plans"])
-    if plan_key(plan) not in plans:
-        raise ValueError(
-            f"skip.adapter={str(path)!r} was trained for plans {plans}, not for {plan_key(plan)} ({plan}); "
-            "use the adapter of this target speedup, or train one"
-        )
-    peft_model = add_lora(model, int(meta["rank"]), int(meta["alpha"]))
-    set_peft_model_state_dict(peft_model, load_file(str(path)))
-    return peft_model.merge_and_unload()
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -189,6 +172,7 @@ def load_adapter(model: nn.Module, path: str | Path, plan: SkipPlan) -> nn.Modul
 @dataclass(frozen=True)
 class TrainConfig:
     loss: str = "uls"  # or "distill"
+    method: str = "lora"  # or "full"
     steps: int = 300
     batch_size: int = 8
     max_len: int = 256
@@ -227,7 +211,9 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    model = add_lora(model, config.rank, config.alpha)
+    # full fine-tuning distills from a frozen copy of the base model; LoRA switches itself off instead
+    teacher = copy.deepcopy(model).eval() if config.method == "full" and config.loss == "distill" else None
+    model = make_trainable(model, config.method, config.rank, config.alpha)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -241,11 +227,12 @@ def train(
     checkpoint, start = out / "checkpoint.pt", 0
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
-        set_peft_model_state_dict(model, state["adapter"])
+        restore_trained_state(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         log.info("resuming from step %d", start)
-    loss_fn, rng = LOSSES[config.loss], random.Random(config.seed + start)
+    loss_fn = partial(distill_loss, teacher=teacher) if teacher is not None else LOSSES[config.loss]
+    rng = random.Random(config.seed + start)
     stream = batches(examples, config.batch_size, config.seed)
     for _ in range(start):  # the same data order as an uninterrupted run
         next(stream)
@@ -281,10 +268,10 @@ def train(
             )
             tick, window = time.perf_counter(), []
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-            save_adapter(model, adapter_path, plans, loss=config.loss, steps=step + 1)
+            save_adapter(model, adapter_path, plans, loss=config.loss, method=config.method, steps=step + 1)
             torch.save(
                 {
-                    "adapter": get_peft_model_state_dict(model),
+                    "adapter": trained_state(model),
                     "optimizer": optimizer.state_dict(),
                     "step": step + 1,
                 },

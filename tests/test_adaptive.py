@@ -147,3 +147,31 @@ def test_adaptive_job_calibrates_and_holds_the_target(tmp_path, tiny_model_dir, 
     assert all(0 <= s["exit_threshold"] <= 1 for s in stats)
     assert all(s["decode_layers_per_token"] < L for s in stats)
     assert summary["achieved_layer_speedup"] == pytest.approx(1.5, rel=0.25)
+    within = sum(abs(s["achieved_layer_speedup"] / 1.5 - 1) <= 0.05 for s in stats)
+    assert summary["batches_within_5pct"] == f"{within}/{len(stats)}"
+
+
+def test_perplexity_under_exits_is_one_pass_equal_to_decoding_token_by_token(engine, llama, prompts):
+    from skipengine.perplexity import adaptive_perplexity, perplexity, windows
+
+    stream = [(11 * i) % 300 + 5 for i in range(96)]
+    chunks = windows(stream, 48, 2)
+    never = adaptive_perplexity(engine, chunks, plan(threshold=1.01), context=8)
+    full = perplexity(llama, chunks, None, context=8)
+    assert never["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
+    assert never["layers_per_token"] == L and never["layer_speedup"] == pytest.approx(1.0)
+    exiting = adaptive_perplexity(engine, chunks, plan(), context=8)
+    assert exiting["layers_per_token"] < L and exiting["perplexity"] != pytest.approx(full["perplexity"])
+
+    # the one pass it scores equals feeding the tokens in turn over the cache, exits and K/V fills alike
+    ad, ids = engine.adapter, chunks[0][:20]
+
+    def cache():
+        return StaticKVCache(range(L), 1, ad.num_kv_heads, 64, ad.head_dim, torch.float32, "cpu")
+
+    one_pass, depth = run_forward(engine, ids, plan(), cache())
+    decoding = cache()
+    steps = [run_forward(engine, [t], plan(), decoding, start=col) for col, t in enumerate(ids)]
+    torch.testing.assert_close(one_pass, torch.cat([h for h, _ in steps], dim=1), atol=1e-5, rtol=1e-4)
+    assert depth.tolist() == torch.cat([d for _, d in steps], dim=1).tolist()
+    assert 0 < int((depth < L).sum()) < len(ids)  # some tokens exited, some did not

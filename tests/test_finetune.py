@@ -6,6 +6,8 @@ import copy
 import pytest
 import torch
 from conftest import build_llama
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 
 from skipengine import Engine, full_plan, make_plan
 from skipengine.finetune import (
@@ -14,12 +16,12 @@ from skipengine.finetune import (
     add_lora,
     collate,
     distill_loss,
-    load_adapter,
     response_logits,
     save_adapter,
     train,
     uls_loss,
 )
+from skipengine.lora import adapter_metadata, load_adapter
 
 PLAN = make_plan(8, "uniform", 2.0, prefill="full")
 
@@ -74,6 +76,12 @@ def test_adapter_round_trip_and_refusals(tmp_path, tokenizer, examples):
     batch = collate(examples, tokenizer.pad_token_id, max_len=64)
     with torch.no_grad():
         assert not torch.allclose(response_logits(merged, batch, PLAN), response_logits(base, batch, PLAN))
+    # the peft-free merge is peft's own merge
+    peft_model = add_lora(copy.deepcopy(base), config.rank, config.alpha)
+    set_peft_model_state_dict(peft_model, load_file(str(path)))
+    reference = peft_model.merge_and_unload().state_dict()
+    for name, weight in merged.state_dict().items():
+        torch.testing.assert_close(weight, reference[name], atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="was trained for plans"):
         load_adapter(copy.deepcopy(base), path, make_plan(8, "uniform", 1.5))
     with pytest.raises(ValueError, match="different base model"):
@@ -102,8 +110,6 @@ def test_one_adapter_for_a_range_of_plans(tmp_path, tokenizer, examples):
 def test_saved_adapter_is_small_and_tied_to_its_plan(tmp_path, tokenizer):
     model = add_lora(build_llama(tokenizer), rank=4, alpha=8)
     path = save_adapter(model, tmp_path / "a.safetensors", [PLAN], note="x")
-    from skipengine.finetune import adapter_metadata
-
     meta = adapter_metadata(path)
     assert meta["rank"] == "4" and "full:0,2,5,7" in meta["plans"]
 
@@ -143,3 +149,25 @@ def test_perplexity_at_full_depth_equals_hf_loss_and_rises_when_skipping(llama):
     assert ours["tokens"] == 3 * 40 and ours["perplexity"] == pytest.approx(math.exp(loss.item()), rel=1e-4)
     skipped = perplexity(llama, chunks, make_plan(8, "uniform", 2.0), context=8, batch_size=2)
     assert skipped["perplexity"] != pytest.approx(ours["perplexity"], rel=1e-3)
+
+
+def test_full_fine_tuning_trains_the_decoder_and_round_trips(tmp_path, tokenizer, examples):
+    base = build_llama(tokenizer)
+    trained = copy.deepcopy(base)
+    config = TrainConfig("distill", "full", steps=4, batch_size=4, save_every=4, lr=1e-3, warmup_steps=1)
+    path = train(trained, examples, [PLAN], config, tmp_path / "run", tokenizer.pad_token_id)
+    assert adapter_metadata(path)["format"] == "skipengine-full-1"
+    batch = collate(examples, tokenizer.pad_token_id, max_len=64)
+    with torch.no_grad():  # the student moved toward its frozen full-depth teacher (each step saw this batch)
+        before = distill_loss(copy.deepcopy(base), batch, PLAN, teacher=base)
+        assert distill_loss(trained, batch, PLAN, teacher=base) < before
+
+    loaded = load_adapter(copy.deepcopy(base), path, PLAN)
+    for name, weight in trained.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], weight, atol=0, rtol=0)
+    layer = "model.layers.3.mlp.up_proj.weight"
+    assert not torch.equal(loaded.state_dict()[layer], base.state_dict()[layer])
+    embed = "model.embed_tokens.weight"  # frozen: it is the fingerprint and the tied LM head
+    assert torch.equal(loaded.state_dict()[embed], base.state_dict()[embed])
+    with pytest.raises(ValueError, match="was trained for plans"):
+        load_adapter(copy.deepcopy(base), path, make_plan(8, "uniform", 1.5))
