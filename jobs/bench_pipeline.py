@@ -27,7 +27,7 @@ from skipengine import Engine, SamplingParams, load_model, make_plan
 
 @dataclass
 class BenchPipelineConfig(JobConfig):
-    rows: int = 256  # taken from the Bible test range
+    rows: int = 1024  # taken from the Bible test range
     repeats: int = 2
 
 
