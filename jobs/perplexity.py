@@ -38,6 +38,8 @@ def main(cfg: DictConfig) -> None:
     ids = tokenizer(TEXTS[cfg.text](), add_special_tokens=False)["input_ids"]
     chunks = windows(ids, cfg.window_tokens, cfg.windows)
     if skip.strategy == "adaptive":
+        if skip.adapter:
+            raise ValueError("skip.adapter is for static plans; set skip.adapter=null with skip=adaptive")
         plan, _ = build_adaptive_plan(skip, engine, chunks[: skip.calibration_rows])
         result = adaptive_perplexity(engine, chunks, plan, cfg.context)
     else:

@@ -3,8 +3,8 @@
 An adapter is one safetensors file of peft LoRA weights (or, from full fine-tuning, the trained decoder
 weights) whose metadata names the base model (a fingerprint) and the plan(s) it was trained for. Loading
 refuses anything else and merges W += s·B·A into the weights (or copies the full ones in), so the engine
-runs at full speed. Inference needs no peft (its import costs an actor
-about 2 s); training (skipengine.finetune) writes these files with peft.
+runs at full speed. Inference needs no peft (its import costs an actor about 2 s); training
+(skipengine.finetune) writes these files with peft.
 """
 
 from __future__ import annotations
