@@ -47,7 +47,7 @@ def test_job_runs_on_both_nodes_with_local_outputs(tmp_path, tiny_model_dir, two
             "cpus_per_actor": 2,
             "batch_size": 2,
         },
-        task={"max_new_tokens": 32},
+        task={"max_new_tokens": 128},
     )
     summary = run_job(distributed)
     assert summary["ids_check"]["ok"] and summary["rows_ok"] == 24
@@ -57,7 +57,7 @@ def test_job_runs_on_both_nodes_with_local_outputs(tmp_path, tiny_model_dir, two
     assert len(nodes) == 2, f"rows ran on {len(nodes)} node(s): {placement}"
     two_nodes.shutdown()  # so that the local run below starts its own Ray instead of joining this one
 
-    summary_local = run_job(job(tiny_model_dir, data, tmp_path / "local", task={"max_new_tokens": 32}))
+    summary_local = run_job(job(tiny_model_dir, data, tmp_path / "local", task={"max_new_tokens": 128}))
     assert summary_local["ids_check"]["ok"]
     local = read_outputs(tmp_path / "local")
     assert [(r["id"], r["generated_text"]) for r in out] == [(r["id"], r["generated_text"]) for r in local]
