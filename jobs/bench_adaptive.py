@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> None:
             skip = SkipConfig(
                 strategy="adaptive", target_speedup=target, exit_classifiers=cfg.exit_classifiers
             )
-            plans[f"adaptive x{target:g}"], _ = build_adaptive_plan(
+            plans[f"adaptive x{target:g}"] = build_adaptive_plan(
                 skip, engine, prompts[: cfg.calibration_rows]
             )
         plans["confidence (CALM) x1.25"] = AdaptivePlan(

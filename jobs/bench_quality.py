@@ -12,7 +12,6 @@ subset); out_dir/quality.md and out_dir/quality.png are rebuilt from all lines e
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import time
@@ -29,7 +28,7 @@ from pipeline.metrics import score_task
 from pipeline.prompts import PromptBuilder
 from pipeline.run import on_target
 from skipengine import Engine, SamplingParams, load_model, make_plan, measure_cost_model
-from skipengine.adaptive import kv_fraction, layer_speedup
+from skipengine.control import kv_fraction, layer_speedup
 from skipengine.lora import load_adapter
 from skipengine.perplexity import adaptive_perplexity, perplexity, windows
 from skipengine.plan import SkipPlan
@@ -39,14 +38,14 @@ log = logging.getLogger("bench_quality")
 
 def generate_all(engine: Engine, plan, task: TaskConfig, texts: list[str], batch_size: int, skip=None):
     """(generated texts, decode seconds, decode row-steps, decode layers per token, per-batch layer
-    speedups). skip=adaptive: the job's calibration (the first rows) and per-batch threshold controller;
+    speedups). skip=adaptive: the job's calibration (the first rows) and step-by-step controller;
     a batch's speedup prices the K/V fills as the job's stats do (static plans: the kept layers)."""
     prompts = PromptBuilder(task, engine.tokenizer)
     sampling = SamplingParams(max_new_tokens=task.max_new_tokens, stop=tuple(task.stop))
     ids = [prompts.build(t).ids for t in texts]
-    controller, kv = None, 0.0
-    if skip is not None:
-        plan, controller = build_adaptive_plan(skip, engine, ids[: skip.calibration_rows])
+    kv = 0.0
+    if skip is not None:  # a fresh controller per task, as a job starts one per actor
+        plan = build_adaptive_plan(skip, engine, ids[: skip.calibration_rows])
         kv = kv_fraction(engine.adapter)
     out, decode_s, row_steps, layers, per_batch = [], 0.0, 0, 0.0, []
     for i in range(0, len(texts), batch_size):
@@ -58,8 +57,6 @@ def generate_all(engine: Engine, plan, task: TaskConfig, texts: list[str], batch
         layers += stats.decode_layers_per_token * stats.decode_row_steps
         if stats.decode_row_steps:
             per_batch.append(layer_speedup(engine.num_layers, stats.decode_layers_per_token, kv))
-        if controller is not None and stats.decode_row_steps:
-            plan = dataclasses.replace(plan, threshold=controller.update(stats.decode_layers_per_token))
     return out, decode_s, row_steps, layers / max(1, row_steps), per_batch
 
 
@@ -97,7 +94,7 @@ def evaluate(run: DictConfig, base, tokenizer, data: dict, cfg: DictConfig, cost
     if skip is None:
         ppl = perplexity(model, data["windows"], plan, cfg.context, cfg.batch_size)
     else:  # calibrated on the text's first windows, as the job calibrates on the corpus's first rows
-        ppl_plan, _ = build_adaptive_plan(skip, engine, data["windows"][: skip.calibration_rows])
+        ppl_plan = build_adaptive_plan(skip, engine, data["windows"][: skip.calibration_rows])
         ppl = adaptive_perplexity(engine, data["windows"], ppl_plan, cfg.context)
     kv = kv_fraction(engine.adapter) if skip else 0.0
     row = {

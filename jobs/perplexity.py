@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> None:
     if skip.strategy == "adaptive":
         if skip.adapter:
             raise ValueError("skip.adapter is for static plans; set skip.adapter=null with skip=adaptive")
-        plan, _ = build_adaptive_plan(skip, engine, chunks[: skip.calibration_rows])
+        plan = build_adaptive_plan(skip, engine, chunks[: skip.calibration_rows])
         result = adaptive_perplexity(engine, chunks, plan, cfg.context)
     else:
         plan, _ = build_plan(skip, engine, cfg.batch_size)

@@ -65,7 +65,7 @@ class SkipConfig:
     kv_fill: str = "decoupled"
     threshold: float | None = None  # None: calibrated on the first calibration_rows rows of the corpus
     calibration_rows: int = 16
-    controller: bool = True  # adjust the threshold batch by batch toward the target
+    controller: bool = True  # hold the target step by step along the calibration curve (needs classifiers)
 
 
 @dataclass

@@ -8,7 +8,6 @@ that only rows that really fail are marked.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -35,16 +34,9 @@ from skipengine import (
     load_model,
     make_plan,
 )
-from skipengine.adaptive import (
-    AdaptivePlan,
-    ThresholdController,
-    exit_layers_for,
-    exit_probabilities,
-    kv_fraction,
-    layer_speedup,
-    threshold_for_target,
-)
+from skipengine.adaptive import AdaptivePlan, exit_layers_for, exit_probabilities
 from skipengine.calibrate import achieved_decode_speedup, measure_cost_model
+from skipengine.control import SpeedupController, kv_fraction, layer_speedup, threshold_for_target
 from skipengine.exits import load_exit_classifiers
 from skipengine.lora import adapter_plans, load_adapter
 
@@ -115,9 +107,10 @@ def adapter_plan(skip: SkipConfig, num_layers: int, cost: CostModel) -> SkipPlan
     )
 
 
-def build_adaptive_plan(skip: SkipConfig, engine: Engine, calibration: list[list[int]]) -> tuple:
-    """(AdaptivePlan, ThresholdController or None). The threshold is the configured one, or the highest
-    whose predicted speedup on the calibration prompts' full-depth traces meets the target."""
+def build_adaptive_plan(skip: SkipConfig, engine: Engine, calibration: list[list[int]]) -> AdaptivePlan:
+    """The threshold is the configured one, or the highest whose predicted speedup on the calibration
+    prompts' full-depth traces meets the target; with skip.controller, the plan carries a controller that
+    holds the target step by step along that calibration's curve."""
     layers = engine.num_layers
     if skip.criterion == "classifier":
         engine.exit_classifiers = load_exit_classifiers(skip.exit_classifiers, engine.model)
@@ -125,20 +118,28 @@ def build_adaptive_plan(skip: SkipConfig, engine: Engine, calibration: list[list
     else:
         exits = exit_layers_for(layers, skip.exit_every, skip.min_depth)
     kv = kv_fraction(engine.adapter)
-    threshold, predicted = skip.threshold, None
-    if threshold is None:
+    threshold, predicted, controller = skip.threshold, None, None
+    if threshold is None or skip.controller:
         if skip.criterion != "classifier" or not calibration:
             raise ValueError(
-                "skip.threshold=null is calibrated from exit classifiers on the corpus's first "
-                "rows; set skip.threshold for criterion=confidence"
+                "skip.threshold=null and skip.controller=true calibrate from exit classifiers on the "
+                "corpus's first rows; for criterion=confidence set skip.threshold and skip.controller=false"
             )
         probs = exit_probabilities(engine, calibration, exits)
-        threshold, predicted = threshold_for_target(probs, exits, layers, skip.target_speedup, kv)
-    plan = AdaptivePlan(
-        layers, exits, threshold, skip.criterion, skip.kv_fill, skip.target_speedup, predicted or 1.0
+        calibrated, predicted = threshold_for_target(probs, exits, layers, skip.target_speedup, kv)
+        threshold = calibrated if threshold is None else threshold
+        if skip.controller:
+            controller = SpeedupController(probs, exits, layers, skip.target_speedup, kv, threshold)
+    return AdaptivePlan(
+        layers,
+        exits,
+        threshold,
+        skip.criterion,
+        skip.kv_fill,
+        skip.target_speedup,
+        predicted or 1.0,
+        controller=controller,
     )
-    controller = ThresholdController(threshold, skip.target_speedup, layers, kv) if skip.controller else None
-    return plan, controller
 
 
 class Generator:
@@ -151,10 +152,10 @@ class Generator:
         )
         self.engine = Engine(model, tokenizer)
         self.prompts = PromptBuilder(cfg.task, tokenizer)
-        self.controller, self.kv_price = None, 0.0  # kv_price: layers per K/V fill (adaptive exits)
+        self.kv_price = 0.0  # layers per K/V fill (adaptive exits)
         if cfg.skip.strategy == "adaptive":
             calibration = [p.ids for p in map(self.prompts.build, calibration_texts or []) if p.ids]
-            self.plan, self.controller = build_adaptive_plan(cfg.skip, self.engine, calibration)
+            self.plan = build_adaptive_plan(cfg.skip, self.engine, calibration)
             self.kv_price = kv_fraction(self.engine.adapter)
             self.costs = []
         else:
@@ -188,9 +189,6 @@ class Generator:
         batch_id = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
         self._write(batch_id, rows, prompts, results)
         stats_row = self._stats_row(batch_id, results, stats, time.perf_counter() - start)
-        if self.controller is not None and any(s.decode_row_steps for s in stats):
-            threshold = self.controller.update(stats_row["decode_layers_per_token"])
-            self.plan = dataclasses.replace(self.plan, threshold=threshold)
         return pa.Table.from_pylist([stats_row])
 
     def _generate_splitting(
@@ -288,7 +286,7 @@ class Generator:
             "tokens_per_s": tokens_out / wall if wall > 0 else 0.0,
             "prefill_layers_per_token": prefill_layers,
             "decode_layers_per_token": decode_layers,
-            "exit_threshold": getattr(self.plan, "threshold", None),
+            "exit_threshold": next((s.exit_threshold for s in stats if s.exit_threshold is not None), None),
             "achieved_layer_speedup": layer_speedup(self.plan.num_layers, decode_layers, self.kv_price),
             "target_speedup": self.plan.target_speedup,
             "predicted_speedup": self.plan.predicted_speedup,

@@ -16,12 +16,16 @@ on the gathered still-active tokens only; attention still sees every cached key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from skipengine.cache import StaticKVCache
+
+if TYPE_CHECKING:
+    from skipengine.control import SpeedupController
 
 CRITERIA = ("classifier", "confidence", "fixed")  # fixed: every token leaves at the first exit point
 KV_FILLS = ("decoupled", "propagate", "exact")
@@ -42,6 +46,8 @@ class AdaptivePlan:
     strategy: str = "adaptive"
     prefill: str = "adaptive"
     basis: str = "layers"
+    # holds target_speedup step by step: the engine takes its threshold after every decode step
+    controller: SpeedupController | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.criterion not in CRITERIA:
@@ -203,56 +209,6 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
     return out, depth
 
 
-# -- holding a target speedup ---------------------------------------------------------------------
-
-
-def kv_fraction(adapter) -> float:
-    """A deeper layer's K/V projection as a share of a whole layer's weights: the price, in layers, of
-    filling one layer's K/V for an exited token."""
-    config = adapter.model.config
-    d, kv = config.hidden_size, adapter.kv_size
-    layer = d * adapter.q_size * 2 + 2 * d * kv + 3 * d * config.intermediate_size
-    return 2 * d * kv / layer
-
-
-def layers_cost(
-    probs: torch.Tensor, exit_layers: tuple[int, ...], num_layers: int, threshold: float, kv: float
-):
-    """Mean layer-equivalents per token if each token leaves at its first exit point with prob >=
-    threshold: the layers it runs plus kv * the deeper layers whose K/V it fills. probs: [E, N]."""
-    exits = torch.tensor(exit_layers, dtype=torch.float)
-    hit = probs >= threshold  # [E, N]
-    first = torch.where(hit.any(0), hit.float().argmax(0), torch.full_like(hit[0], -1, dtype=torch.long))
-    exit_at = torch.where(first >= 0, exits[first.clamp(min=0)], torch.tensor(float(num_layers - 1)))
-    cost = exit_at + 1 + kv * (num_layers - 1 - exit_at)
-    return float(cost.mean())
-
-
-def threshold_for_target(
-    probs: torch.Tensor, exit_layers: tuple[int, ...], num_layers: int, target: float, kv: float
-) -> tuple[float, float]:
-    """(the highest threshold whose predicted speedup L / cost meets the target, that speedup). probs:
-    exit-classifier probabilities [E, N] on full-depth traces of a calibration sample."""
-    if target <= 1.0:
-        return 1.01, 1.0  # never exit
-    candidates = sorted(set(probs.flatten().tolist()), reverse=True)
-    lo, hi = 0, len(candidates) - 1  # speedup grows as the threshold falls: binary search the index
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if num_layers / layers_cost(probs, exit_layers, num_layers, candidates[mid], kv) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    threshold = candidates[lo]
-    speedup = num_layers / layers_cost(probs, exit_layers, num_layers, threshold, kv)
-    if speedup < target * 0.999:
-        raise ValueError(
-            f"skip.target_speedup={target:g} cannot be reached with these exit points (at most "
-            f"{speedup:.2f}x, every token leaving at the first one); lower skip.min_depth or the target"
-        )
-    return threshold, speedup
-
-
 @torch.inference_mode()
 def exit_probabilities(engine, prompts: list[list[int]], exit_layers: tuple[int, ...]) -> torch.Tensor:
     """Exit-classifier probabilities [E, N] for every token of `prompts` run at full depth."""
@@ -271,25 +227,3 @@ def exit_probabilities(engine, prompts: list[list[int]], exit_layers: tuple[int,
                 per_exit.append(torch.sigmoid(engine.exit_classifiers(i, normed).float()))
         out.append(torch.stack(per_exit))
     return torch.cat(out, dim=1).cpu()
-
-
-def layer_speedup(num_layers: int, layers_per_token: float, kv: float) -> float:
-    """L / layer-equivalents per token: a token that ran n layers filled K/V for the L - n it skipped
-    (kv = 0 for static plans, which fill nothing)."""
-    cost = layers_per_token + kv * (num_layers - layers_per_token)
-    return num_layers / max(cost, 1e-9)
-
-
-class ThresholdController:
-    """Batch by batch, moves the threshold so the layer-equivalents per token meet the target: a
-    proportional step on the relative miss, in the direction that exits more when too slow."""
-
-    def __init__(self, threshold: float, target: float, num_layers: int, kv: float, gain: float = 0.3):
-        self.threshold, self.target, self.gain = threshold, target, gain
-        self.num_layers, self.kv = num_layers, kv
-
-    def update(self, layers_per_token: float) -> float:
-        achieved = layer_speedup(self.num_layers, layers_per_token, self.kv)
-        miss = (self.target - achieved) / self.target  # > 0: too slow, exit more
-        self.threshold = min(1.0, max(0.0, self.threshold - self.gain * miss))
-        return self.threshold

@@ -8,6 +8,7 @@ compute. Architectures without a native adapter get the same plan through HF gen
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -160,6 +161,10 @@ class Engine:
         pad = torch.tensor([prompt_len - n for n in lengths], device=dev)  # [B]
         generators = row_generators(sampling, prompts, dev)
 
+        adaptive = isinstance(plan, AdaptivePlan)
+        controller = plan.controller if adaptive else None
+        if controller is not None:  # carries on from the last batch
+            plan = dataclasses.replace(plan, threshold=controller.threshold)
         t0 = time.perf_counter()
         cols = torch.arange(prompt_len, device=dev)
         positions = (cols[None, :] - pad[:, None]).clamp(min=0)  # [B, T]
@@ -167,7 +172,6 @@ class Engine:
         hidden = self._forward(ad.embed(input_ids), positions, pad, 0, plan, "prefill", cache, depth)
         tokens = next_tokens(ad.logits(hidden[:, -1]), sampling, generators)  # [B]
         stats.prefill_s = time.perf_counter() - t0
-        adaptive = isinstance(plan, AdaptivePlan)
         stats.prefill_layers_per_token = (
             depth[0] / sum(lengths) if adaptive else float(len(plan.prefill_layers))
         )
@@ -178,6 +182,7 @@ class Engine:
         active = list(range(batch))  # original row index of each live cache row
         col = prompt_len  # the cache column the next fed token is written to
         t0, depth = time.perf_counter(), [0]
+        thresholds, depth_seen = [], 0  # the controller's thresholds, one per decode step
         while True:
             survivors = []
             for slot, (r, tok) in enumerate(zip(active, tokens.tolist(), strict=True)):
@@ -203,10 +208,16 @@ class Engine:
             col += 1
             stats.decode_steps += 1
             stats.decode_row_steps += len(active)
+            if controller is not None:
+                thresholds.append(plan.threshold)
+                step_layers, depth_seen = depth[0] - depth_seen, depth[0]
+                plan = dataclasses.replace(plan, threshold=controller.step(step_layers, len(active), batch))
         stats.decode_s = time.perf_counter() - t0
         stats.decode_layers_per_token = (
             depth[0] / max(1, stats.decode_row_steps) if adaptive else float(plan.num_kept)
         )
+        if adaptive:
+            stats.exit_threshold = sum(thresholds) / len(thresholds) if thresholds else plan.threshold
         return generated, reasons, finished_at
 
     def _layers(

@@ -34,6 +34,7 @@ class GenerationStats:
     prefill_layers_per_token: float = 0.0
     decode_layers_per_token: float = 0.0
     predicted_speedup: float = 1.0
+    exit_threshold: float | None = None  # adaptive plans: the mean over decode steps
     kv_cache_bytes: int = 0
     backend: str = "native"
 

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipengine.adaptive import AdaptivePlan, adaptive_layers, kv_fraction, layer_speedup
+from skipengine.adaptive import AdaptivePlan, adaptive_layers
 from skipengine.cache import StaticKVCache
+from skipengine.control import kv_fraction, layer_speedup
 from skipengine.finetune import Example, collate, response_logits
 from skipengine.plan import SkipPlan
 

@@ -175,3 +175,49 @@ def test_perplexity_under_exits_is_one_pass_equal_to_decoding_token_by_token(eng
     torch.testing.assert_close(one_pass, torch.cat([h for h, _ in steps], dim=1), atol=1e-5, rtol=1e-4)
     assert depth.tolist() == torch.cat([d for _, d in steps], dim=1).tolist()
     assert 0 < int((depth < L).sum()) < len(ids)  # some tokens exited, some did not
+
+
+def test_controller_holds_the_target_per_batch_where_the_calibrated_threshold_misses():
+    from skipengine.control import SpeedupController, layer_speedup, threshold_for_target
+
+    exits, kv, target, rows = exit_layers_for(L, 1, 2), 0.1, 2.0, 8
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(len(exits), 4000, generator=gen).sort(0).values  # deeper exit points more sure
+    threshold, _ = threshold_for_target(probs, exits, L, target, kv)
+    # decode is less sure than the calibration traces: the calibrated threshold alone falls short
+    decode = probs * 0.6
+
+    def step_layers(threshold: float) -> int:
+        cols = torch.randint(0, decode.shape[1], (rows,), generator=gen)
+        hit = decode[:, cols] >= threshold  # [E, rows]
+        exit_at = torch.tensor([exits[int(h.float().argmax())] if h.any() else L - 1 for h in hit.T])
+        return int((exit_at + 1).sum())
+
+    def batch_speedup(next_threshold) -> float:
+        layers, t = [], next_threshold(None)
+        for _ in range(64):
+            layers.append(step_layers(t))
+            t = next_threshold(layers[-1])
+        return layer_speedup(L, sum(layers) / (64 * rows), kv)
+
+    fixed = batch_speedup(lambda _: threshold)
+    assert fixed < 0.9 * target
+    control = SpeedupController(probs, exits, L, target, kv, threshold)
+    speedups = [
+        batch_speedup(lambda ran: control.threshold if ran is None else control.step(ran, rows, rows))
+        for _ in range(6)
+    ]
+    assert all(abs(s / target - 1) <= 0.05 for s in speedups[1:]), speedups  # after the first batch
+
+
+def test_the_engine_steps_the_plans_controller_and_reports_its_mean_threshold(engine, prompts):
+    from skipengine.control import SpeedupController
+
+    exits = exit_layers_for(L, 2, 2)
+    probs = torch.rand(len(exits), 500, generator=torch.Generator().manual_seed(1))
+    control = SpeedupController(probs, exits, L, 1.5, 0.1, threshold=0.5)
+    stats = engine.generate(prompts, AdaptivePlan(L, exits, 0.5, controller=control), greedy()).stats
+    assert control.threshold != 0.5  # stepped after decode steps
+    assert stats.exit_threshold is not None and 0 <= stats.exit_threshold <= 1.01
+    again = engine.generate(prompts, AdaptivePlan(L, exits, 0.5, controller=control), greedy()).stats
+    assert again.exit_threshold != stats.exit_threshold  # carried on from the last batch, not reset to 0.5
