@@ -1,21 +1,27 @@
-"""CPU use per process over a window, from /proc (README, Pipeline overhead): start a job, then
-python scripts/cpu_by_process.py DELAY_S WINDOW_S."""
+"""CPU use and time slices per process over a window, from /proc/<pid>/task/*/schedstat (README, Pipeline
+overhead): start a job, then python scripts/cpu_by_process.py DELAY_S WINDOW_S.
+
+Slices per second count how often a process's threads were put on a CPU: on a machine whose cores the
+actor keeps busy, each slice of another process takes a core from one of the actor's threads."""
 
 import os
 import sys
 import time
 
 
-def snapshot() -> dict[str, tuple[int, str]]:
-    """pid -> (user + system clock ticks, command line)."""
+def snapshot() -> dict[str, tuple[int, int, str]]:
+    """pid -> (ns on CPU, time slices, command line), summed over the process's threads."""
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1].split()
             cmd = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:90]
+            run_ns = slices = 0
+            for task in os.listdir(f"/proc/{pid}/task"):
+                fields = open(f"/proc/{pid}/task/{task}/schedstat").read().split()
+                run_ns, slices = run_ns + int(fields[0]), slices + int(fields[2])
         except OSError:
             continue
-        out[pid] = (int(fields[11]) + int(fields[12]), cmd)
+        out[pid] = (run_ns, slices, cmd)
     return out
 
 
@@ -25,10 +31,15 @@ if __name__ == "__main__":
     before, start = snapshot(), time.time()
     time.sleep(window)
     after, elapsed = snapshot(), time.time() - start
-    tick = os.sysconf("SC_CLK_TCK")
     rows = sorted(
-        ((after[p][0] - before[p][0]) / tick / elapsed * 100, after[p][1]) for p in after if p in before
+        (
+            (after[p][0] - before[p][0]) / 1e7 / elapsed,  # % of one core
+            (after[p][1] - before[p][1]) / elapsed,
+            after[p][2],
+        )
+        for p in after
+        if p in before
     )[::-1]
     print(f"total {sum(r[0] for r in rows):.0f}% of one core")
-    for percent, cmd in rows[:15]:
-        print(f"{percent:6.1f}%  {cmd}")
+    for percent, slices, cmd in rows[:15]:
+        print(f"{percent:6.1f}%  {slices:6.0f} slices/s  {cmd}")
