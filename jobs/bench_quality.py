@@ -25,6 +25,7 @@ from pipeline.config import SkipConfig, TaskConfig
 from pipeline.corpora import BIBLE_SPLITS, read_aclsum, read_austen, read_bible
 from pipeline.generator import build_adaptive_plan
 from pipeline.metrics import score_task
+from pipeline.progress import Progress
 from pipeline.prompts import PromptBuilder
 from pipeline.run import on_target
 from skipengine import Engine, SamplingParams, load_model, make_plan, measure_cost_model
@@ -48,15 +49,18 @@ def generate_all(engine: Engine, plan, task: TaskConfig, texts: list[str], batch
         plan = build_adaptive_plan(skip, engine, ids[: skip.calibration_rows])
         kv = kv_fraction(engine.adapter)
     out, decode_s, row_steps, layers, per_batch = [], 0.0, 0, 0.0, []
+    progress = Progress(len(texts))
     for i in range(0, len(texts), batch_size):
         stats = engine.generate(ids[i : i + batch_size], plan, sampling)
         out += [r.text for r in stats.rows]
         stats = stats.stats
+        progress.update(stats.num_rows, stats.num_generated_tokens)
         decode_s += stats.decode_s
         row_steps += stats.decode_row_steps
         layers += stats.decode_layers_per_token * stats.decode_row_steps
         if stats.decode_row_steps:
             per_batch.append(layer_speedup(engine.num_layers, stats.decode_layers_per_token, kv))
+    progress.close()
     return out, decode_s, row_steps, layers / max(1, row_steps), per_batch
 
 
