@@ -43,9 +43,9 @@ def main(cfg: DictConfig) -> None:
         plan = build_adaptive_plan(skip, engine, chunks[: skip.calibration_rows])
         result = adaptive_perplexity(engine, chunks, plan, cfg.context)
     else:
-        plan, _ = build_plan(skip, engine, cfg.batch_size)
-        if skip.adapter:
-            model = load_adapter(model, skip.adapter, plan)
+        plan, _, adapter = build_plan(skip, engine, cfg.batch_size)
+        if adapter:
+            model = load_adapter(model, adapter, plan)
         result = perplexity(model, chunks, plan, cfg.context, cfg.batch_size)
     row = {"text": cfg.text, "plan": str(plan), "kept": plan.num_kept, "adapter": skip.adapter, **result}
     if cfg.out:

@@ -23,8 +23,9 @@ class ModelConfig:
     device: str = "cpu"
     dtype: str = "float32"
     trust_remote_code: bool = False
-    # task name -> the skip-aware adapter shipped for this model (uniform plans); used by skip.adapter=auto
-    adapters: dict[str, str] = field(default_factory=dict)
+    # task name -> the skip-aware adapters shipped for this model (uniform plans); skip.adapter=auto picks
+    # one per plan in each actor (pipeline.generator.choose_adapter_plan)
+    adapters: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,8 +55,8 @@ class SkipConfig:
     seed: int = 0
     # calibrate a full-depth cost model in each actor, so per-batch stats report the achieved speedup
     measure_achieved: bool = True
-    # a skip-aware LoRA adapter (jobs.finetune) for this model and plan; "auto": the model's shipped adapter
-    # for the task when the strategy is uniform, else none
+    # a skip-aware LoRA adapter (jobs.finetune) for this model and plan; "auto": the best of the model's
+    # shipped adapters for the task and plan when the strategy is uniform, else none
     adapter: str | None = None
     # strategy=adaptive (ADEPT): per-token exits; see conf/skip/adaptive.yaml
     exit_classifiers: str | None = None  # jobs.train_exits output (criterion=classifier)
@@ -116,12 +117,17 @@ def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
 
 
 def resolve_adapter(cfg: JobConfig) -> None:
-    """skip.adapter=auto -> a path or None (see SkipConfig.adapter); adapter and exit-classifier paths
-    made absolute, since actors may not share the driver's working directory."""
-    if cfg.skip.adapter == "auto":
-        shipped = cfg.model.adapters.get(cfg.task.name) if cfg.skip.strategy == "uniform" else None
-        cfg.skip.adapter = shipped
+    """skip.adapter=auto stays auto (the actors choose among the shipped adapters once they know the
+    plan) or becomes None when nothing is shipped for the strategy and task; adapter and exit-classifier
+    paths made absolute, since actors may not share the driver's working directory."""
+    shipped = cfg.model.adapters.get(cfg.task.name, [])
+    if cfg.skip.adapter == "auto" and (cfg.skip.strategy != "uniform" or not shipped):
+        cfg.skip.adapter = None
+    if shipped:
+        cfg.model.adapters[cfg.task.name] = [str(Path(p).expanduser().resolve()) for p in shipped]
     for key in ("adapter", "exit_classifiers"):
+        if getattr(cfg.skip, key) == "auto":
+            continue
         if getattr(cfg.skip, key):
             setattr(cfg.skip, key, str(Path(getattr(cfg.skip, key)).expanduser().resolve()))
 
@@ -151,10 +157,16 @@ def validate(cfg: JobConfig) -> None:
         raise ValueError("cluster.kind=existing needs cluster.address: 'auto' or 'ray://host:10001'")
     if cfg.data.limit is not None and cfg.data.limit < 1:
         raise ValueError(f"data.limit={cfg.data.limit} must be >= 1, or null for every row")
-    if cfg.skip.adapter and not Path(cfg.skip.adapter).expanduser().is_file():
+    if cfg.skip.adapter and cfg.skip.adapter != "auto" and not Path(cfg.skip.adapter).expanduser().is_file():
         raise FileNotFoundError(
             f"skip.adapter={cfg.skip.adapter!r} does not exist; train one with jobs.finetune"
         )
+    for path in cfg.model.adapters.get(cfg.task.name, []) if cfg.skip.adapter == "auto" else []:
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"model.adapters.{cfg.task.name} lists {path!r}, which does not exist; train it with "
+                "jobs.finetune, remove it from the list, or set skip.adapter=null"
+            )
     if cfg.skip.strategy == "adaptive":
         _choice("skip.criterion", cfg.skip.criterion, CRITERIA)
         _choice("skip.kv_fill", cfg.skip.kv_fill, KV_FILLS)

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -60,43 +61,82 @@ OUTPUT_SCHEMA = [
 ]
 
 
-def build_plan(skip: SkipConfig, engine: Engine, batch_size: int) -> tuple:
-    """(plan, cost models). Cost models are measured when the plan or the stats need them. With an
-    adapter and basis=measured, the plan is the adapter's deepest plan that still meets the target on
-    this device (an adapter serves only the exact plans it was trained for)."""
+def build_plan(
+    skip: SkipConfig, engine: Engine, batch_size: int, shipped: Sequence[str] = ()
+) -> tuple[SkipPlan, list[CostModel], str | None]:
+    """(plan, cost models, adapter path or None). Cost models are measured when the plan or the stats
+    need them. An adapter serves only the exact plans it was trained for, so with one the plan comes from
+    the adapter (basis=measured: its plans that meet the target on this device); skip.adapter=auto
+    chooses among the model's shipped adapters for the task (`shipped`, see choose_adapter_plan) and
+    runs without one, with a warning, when none serves the target."""
     costs = []
     if skip.strategy != "none" and (skip.basis == "measured" or skip.measure_achieved):
         costs.append(measure_cost_model(engine, batch_size))
         if batch_size > 1 and skip.measure_achieved:
             costs.append(measure_cost_model(engine, 1))
-    if skip.adapter and skip.basis == "measured" and skip.strategy != "none":
-        return adapter_plan(skip, engine.num_layers, costs[0]), costs
-    plan = make_plan(
-        engine.num_layers,
-        skip.strategy,
-        skip.target_speedup,
-        skip.prefill,
-        skip.basis,
-        cost_model=costs[0] if costs else None,
-        seed=skip.seed,
-    )
-    return plan, costs
 
+    def plain() -> SkipPlan:
+        return make_plan(
+            engine.num_layers,
+            skip.strategy,
+            skip.target_speedup,
+            skip.prefill,
+            skip.basis,
+            cost_model=costs[0] if costs else None,
+            seed=skip.seed,
+        )
 
-def adapter_plan(skip: SkipConfig, num_layers: int, cost: CostModel) -> SkipPlan:
-    fits = [
-        kept
-        for prefill, kept in adapter_plans(skip.adapter)
-        if prefill == skip.prefill and cost.speedup(len(kept)) >= skip.target_speedup
-    ]
-    if not fits:
+    if skip.strategy == "none" or not skip.adapter:
+        return plain(), costs, None
+    if skip.basis == "layers" and skip.adapter != "auto":
+        return plain(), costs, skip.adapter  # load_adapter refuses it if it was trained for another plan
+    candidates = list(shipped) if skip.adapter == "auto" else [skip.adapter]
+    cost = costs[0] if skip.basis == "measured" else None
+    chosen = choose_adapter_plan(candidates, skip, engine.num_layers, cost, None if cost else plain())
+    if chosen is not None:
+        plan, adapter = chosen
+        return plan, costs, adapter
+    if skip.adapter != "auto":
         raise ValueError(
             f"skip.adapter={skip.adapter!r} has no plan that meets skip.target_speedup="
             f"{skip.target_speedup:g} on {cost.device} at batch {cost.batch_size}; train one that covers "
             "fewer kept layers (jobs.finetune kept=[...]) or lower the target"
         )
-    kept = max(fits, key=len)
-    return SkipPlan(
+    plan = plain()
+    log.warning(
+        "skip.adapter=auto: no shipped adapter serves %s (shipped: %s); running without one, expect "
+        "poor quality (train one with jobs.finetune)",
+        plan,
+        ", ".join(Path(p).name for p in candidates) or "none",
+    )
+    return plan, costs, None
+
+
+def choose_adapter_plan(
+    candidates: Sequence[str],
+    skip: SkipConfig,
+    num_layers: int,
+    cost: CostModel | None,
+    plan: SkipPlan | None,
+) -> tuple[SkipPlan, str] | None:
+    """(plan, adapter) among the candidates' trained plans: with a cost model (basis=measured) those that
+    meet the target on this device, else the given plan only (basis=layers). The adapter trained for the
+    fewest plans wins, then the deepest plan: an adapter's training steps are shared among its plans, and
+    that costs more quality than a layer or two (README Quality: at the 2x plan the 2x-only adapter scores
+    15.5 ROUGE-L, the 10-20-layer range adapter 9.9)."""
+    options = []
+    for path in candidates:
+        trained = [kept for prefill, kept in adapter_plans(path) if prefill == skip.prefill]
+        for kept in trained:
+            fits = cost.speedup(len(kept)) >= skip.target_speedup if cost else kept == plan.kept_layers
+            if fits:
+                options.append((-len(trained), len(kept), path, kept))
+    if not options:
+        return None
+    *_, path, kept = max(options)
+    if cost is None:
+        return plan, path
+    chosen = SkipPlan(
         num_layers=num_layers,
         kept_layers=kept,
         strategy=skip.strategy,
@@ -105,6 +145,7 @@ def adapter_plan(skip: SkipConfig, num_layers: int, cost: CostModel) -> SkipPlan
         predicted_speedup=cost.speedup(len(kept)),
         basis="measured",
     )
+    return chosen, path
 
 
 def build_adaptive_plan(skip: SkipConfig, engine: Engine, calibration: list[list[int]]) -> AdaptivePlan:
@@ -153,15 +194,19 @@ class Generator:
         self.engine = Engine(model, tokenizer)
         self.prompts = PromptBuilder(cfg.task, tokenizer)
         self.kv_price = 0.0  # layers per K/V fill (adaptive exits)
+        self.adapter = None
         if cfg.skip.strategy == "adaptive":
             calibration = [p.ids for p in map(self.prompts.build, calibration_texts or []) if p.ids]
             self.plan = build_adaptive_plan(cfg.skip, self.engine, calibration)
             self.kv_price = kv_fraction(self.engine.adapter)
             self.costs = []
         else:
-            self.plan, self.costs = build_plan(cfg.skip, self.engine, cfg.cluster.batch_size)
-        if cfg.skip.adapter:  # merged into the weights; the engine's frozen kernels are rebuilt from them
-            self.engine = Engine(load_adapter(model, cfg.skip.adapter, self.plan), tokenizer)
+            shipped = cfg.model.adapters.get(cfg.task.name, [])
+            self.plan, self.costs, self.adapter = build_plan(
+                cfg.skip, self.engine, cfg.cluster.batch_size, shipped
+            )
+        if self.adapter:  # merged into the weights; the engine's frozen kernels are rebuilt from them
+            self.engine = Engine(load_adapter(model, self.adapter, self.plan), tokenizer)
         task = cfg.task
         self.sampling = SamplingParams(
             max_new_tokens=task.max_new_tokens,
@@ -173,7 +218,7 @@ class Generator:
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         # inside Ray, the node id; outside (a notebook, a benchmark) asking Ray would start it
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
-        log.info("actor %s ready: %s", self.actor, self.plan)
+        log.info("actor %s ready: %s, adapter %s", self.actor, self.plan, self.adapter)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
@@ -292,4 +337,5 @@ class Generator:
             "predicted_speedup": self.plan.predicted_speedup,
             "achieved_decode_speedup_est": achieved,
             "plan": str(self.plan),
+            "adapter": Path(self.adapter).name if self.adapter else None,
         }

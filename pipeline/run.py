@@ -37,6 +37,9 @@ def start_ray(cfg: JobConfig) -> bool:
     if cfg.cluster.kind == "local":
         # Ray runs workers at nice 15 below its own daemons; on a small machine the actor is the work
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # no idle workers kept warm: each idle Ray process wakes ~100 times a second (its signal check),
+        # and on a small machine every wakeup preempts one of the actor's compute threads
+        os.environ.setdefault("RAY_num_workers_soft_limit", "0")
         ray.init(num_cpus=cfg.cluster.local_num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     else:
         import pipeline
@@ -178,6 +181,7 @@ def summarize(
         "output_dir": str(run.path),
         "model": cfg.model.spec,
         "plan": stats[0]["plan"] if stats else None,
+        "adapter": stats[0].get("adapter") if stats else None,
         "rows_in": len(input_ids),
         "rows_out": sum(counts.values()),
         "rows_ok": (len(outputs) - errored) if outputs is not None else 0,
@@ -245,7 +249,7 @@ def human_summary(summary: dict) -> str:
         f"({summary['rows_resumed']} done by an earlier run) — {check}",
         f"generated {summary['tokens_out_now']} tokens in {summary['wall_s']:.1f}s "
         f"({summary['tokens_per_s']:.1f} tok/s, {summary['device_hours']:.4f} device-hours)",
-        f"plan: {summary['plan']}",
+        f"plan: {summary['plan']}" + (f", adapter {summary['adapter']}" if summary.get("adapter") else ""),
         f"decode speedup: target {summary['target_speedup']:g}x, achieved (estimated from calibration) "
         + (f"{speed:.2f}x" if speed else "n/a"),
     ]

@@ -2,6 +2,8 @@
 lowers the loss, adapters round-trip and refuse what they were not trained for."""
 
 import copy
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,7 +118,7 @@ def test_saved_adapter_is_small_and_tied_to_its_plan(tmp_path, tokenizer):
 
 def test_measured_basis_picks_the_adapters_deepest_plan_that_meets_the_target(tmp_path, tokenizer):
     from pipeline.config import SkipConfig
-    from pipeline.generator import adapter_plan
+    from pipeline.generator import choose_adapter_plan
     from skipengine import CostModel
 
     model = add_lora(build_llama(tokenizer), rank=4, alpha=8)
@@ -125,11 +127,11 @@ def test_measured_basis_picks_the_adapters_deepest_plan_that_meets_the_target(tm
     # a step costs 1 ms fixed + 1 ms per layer: full depth 9 ms, so 2x needs <= 3.5 layers
     cost = CostModel(fixed_s=1e-3, per_layer_s=1e-3, num_layers=8, batch_size=8, device="cpu")
     skip = SkipConfig(strategy="uniform", target_speedup=2.0, basis="measured", adapter=str(path))
-    plan = adapter_plan(skip, 8, cost)
+    plan, _ = choose_adapter_plan([str(path)], skip, 8, cost, None)
     assert plan.kept_layers == plans[0].kept_layers and plan.predicted_speedup == pytest.approx(9 / 4)
-    assert adapter_plan(SkipConfig(**{**skip.__dict__, "target_speedup": 1.25}), 8, cost).num_kept == 6
-    with pytest.raises(ValueError, match="has no plan that meets"):
-        adapter_plan(SkipConfig(**{**skip.__dict__, "target_speedup": 3.0}), 8, cost)
+    slower, faster = replace(skip, target_speedup=1.25), replace(skip, target_speedup=3.0)
+    assert choose_adapter_plan([str(path)], slower, 8, cost, None)[0].num_kept == 6
+    assert choose_adapter_plan([str(path)], faster, 8, cost, None) is None
 
 
 def test_perplexity_at_full_depth_equals_hf_loss_and_rises_when_skipping(llama):
@@ -171,3 +173,35 @@ def test_full_fine_tuning_trains_the_decoder_and_round_trips(tmp_path, tokenizer
     assert torch.equal(loaded.state_dict()[embed], base.state_dict()[embed])
     with pytest.raises(ValueError, match="was trained for plans"):
         load_adapter(copy.deepcopy(base), path, make_plan(8, "uniform", 1.5))
+
+
+def test_auto_picks_the_adapter_with_fewest_plans_then_the_deepest_plan(tmp_path, tokenizer):
+    from pipeline.config import SkipConfig
+    from pipeline.generator import build_plan, choose_adapter_plan
+    from skipengine import CostModel, Engine
+
+    model = add_lora(build_llama(tokenizer), rank=4, alpha=8)
+
+    def adapter(name: str, *kept: int) -> str:
+        return str(save_adapter(model, tmp_path / name, [make_plan(8, "uniform", 8 / k) for k in kept]))
+
+    shipped = [adapter("range", 2, 3, 4, 5, 6), adapter("narrow", 2, 3), adapter("x2", 3)]
+    # a step costs 1 ms fixed + 1 ms per layer: 2x needs <= 3.5 layers, 1.5x <= 5, 2.5x <= 2.6
+    cost = CostModel(fixed_s=1e-3, per_layer_s=1e-3, num_layers=8, batch_size=8, device="cpu")
+    skip = SkipConfig(strategy="uniform", basis="measured", adapter="auto", measure_achieved=False)
+
+    def pick(target: float) -> tuple[str, int] | None:
+        chosen = choose_adapter_plan(shipped, replace(skip, target_speedup=target), 8, cost, None)
+        return chosen and (Path(chosen[1]).name, chosen[0].num_kept)
+
+    assert pick(2.0) == ("x2", 3)
+    assert pick(1.5) == ("x2", 3)  # the specialist, though the range adapter has a deeper plan (5) that fits
+    assert pick(2.5) == ("narrow", 2)
+    assert pick(4.0) is None
+    # basis=layers: the plan is fixed; the adapter with the fewest plans that was trained for it
+    layers = replace(skip, basis="layers")
+    engine = Engine(build_llama(tokenizer), tokenizer)
+    assert build_plan(replace(layers, target_speedup=2.0), engine, 2, shipped)[2] == shipped[0]
+    assert build_plan(replace(layers, target_speedup=8 / 3), engine, 2, shipped)[2] == shipped[2]
+    plan, _, none = build_plan(replace(layers, target_speedup=8 / 7), engine, 2, shipped)
+    assert none is None and plan.num_kept == 7  # auto with no adapter for the plan runs without one
