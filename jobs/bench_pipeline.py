@@ -1,13 +1,19 @@
 """python -m jobs.bench_pipeline: generated tokens/s of the bare engine vs the Ray job (one actor), same
-rows, model, plan and batch size, interleaved. Ends with one JSON line."""
+rows, model, plan and batch size, interleaved. Ends with one JSON line.
+
+job_env compares job variants in the same run: each is environment for the job's Ray, set only while
+that job runs (local Ray starts afresh per job, so its daemons and workers inherit it), e.g.
+'job_env=[{},{RAY_num_workers_soft_limit:"2"}]'."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -29,6 +35,7 @@ from skipengine import Engine, SamplingParams, load_model, make_plan
 class BenchPipelineConfig(JobConfig):
     rows: int = 1024  # taken from the Bible test range
     repeats: int = 2
+    job_env: list[dict[str, str]] = field(default_factory=lambda: [{}])  # job variants (see above)
 
 
 ConfigStore.instance().store(name="bench_pipeline_schema", node=BenchPipelineConfig)
@@ -48,6 +55,28 @@ def bare_engine_tokens_per_s(engine: Engine, cfg: JobConfig, texts: list[str]) -
     return tokens / (time.perf_counter() - start)
 
 
+@contextmanager
+def environment(env: dict[str, str]):
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def job_tokens_per_s(cfg: JobConfig, env: dict[str, str]) -> tuple[float, float]:
+    """(whole run, batches only) generated tokens/s of one job run."""
+    with environment(env):
+        summary = run_job(cfg)
+    stats = pa.concat_tables(pq.read_table(p) for p in Path(cfg.output.dir, "stats").glob("*.parquet"))
+    return summary["tokens_per_s"], summary["tokens_out_now"] / sum(stats.column("wall_s").to_pylist())
+
+
 @hydra.main(config_path="../conf", config_name="bench_pipeline", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     setup(dcfg.cluster.threads_per_actor)
@@ -63,40 +92,46 @@ def main(dcfg: DictConfig) -> None:
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
     engine = Engine(model, tokenizer)
     texts = [en for en, _ in pairs]
-    bare, job_e2e, job_batches = [], [], []
+    variants = [dict(env) for env in bench.job_env]
+    bare, jobs = [], [{"env": env, "whole": [], "batches": []} for env in variants]
+    sides = ["bare", *range(len(jobs))]
     for rep in range(dcfg.repeats):
-        order = ("bare", "job") if rep % 2 == 0 else ("job", "bare")
-        for side in order:
+        for side in sides if rep % 2 == 0 else sides[::-1]:
             if side == "bare":
                 bare.append(bare_engine_tokens_per_s(engine, cfg, texts))
             else:
-                summary = run_job(cfg)
-                stats = pa.concat_tables(
-                    pq.read_table(p) for p in Path(cfg.output.dir, "stats").glob("*.parquet")
-                )
-                job_e2e.append(summary["tokens_per_s"])
-                job_batches.append(summary["tokens_out_now"] / sum(stats.column("wall_s").to_pylist()))
-            log.info("repeat %d %s done", rep + 1, side)
+                whole, batches = job_tokens_per_s(cfg, jobs[side]["env"])
+                jobs[side]["whole"].append(whole)
+                jobs[side]["batches"].append(batches)
+            log.info("repeat %d %s done", rep + 1, side if side == "bare" else f"job {jobs[side]['env']}")
+    bare_median = statistics.median(bare)
+    for job in jobs:
+        job["tokens_per_s"] = statistics.median(job["whole"])
+        job["batch_tokens_per_s"] = statistics.median(job["batches"])
+        job["vs_bare"] = job["tokens_per_s"] / bare_median
+        job["batches_vs_bare"] = job["batch_tokens_per_s"] / bare_median
+    first = jobs[0]
     row = {
         "rows": dcfg.rows,
         "batch_size": cfg.cluster.batch_size,
         "plan": f"{cfg.skip.strategy} x{cfg.skip.target_speedup} (layers)",
-        "bare_tokens_per_s": statistics.median(bare),
-        "job_tokens_per_s": statistics.median(job_e2e),
-        "job_batch_tokens_per_s": statistics.median(job_batches),
-        "job_vs_bare": statistics.median(job_e2e) / statistics.median(bare),
-        "job_batches_vs_bare": statistics.median(job_batches) / statistics.median(bare),
-        "samples": {"bare": bare, "job": job_e2e, "job_batches": job_batches},
+        "bare_tokens_per_s": bare_median,
+        "job_tokens_per_s": first["tokens_per_s"],
+        "job_batch_tokens_per_s": first["batch_tokens_per_s"],
+        "job_vs_bare": first["vs_bare"],
+        "job_batches_vs_bare": first["batches_vs_bare"],
+        "samples": {"bare": bare, "jobs": jobs},
     }
     pq.write_table(
         pa.Table.from_pylist([{k: v for k, v in row.items() if k != "samples"}]),
         run_dir / "bench_pipeline.parquet",
     )
-    print(
-        f"bare engine {row['bare_tokens_per_s']:.1f} tok/s | Ray job {row['job_tokens_per_s']:.1f} tok/s "
-        f"({row['job_vs_bare']:.2f}x, actor start and model load included) | Ray job batches "
-        f"{row['job_batch_tokens_per_s']:.1f} tok/s ({row['job_batches_vs_bare']:.2f}x)"
-    )
+    for job in jobs:
+        print(
+            f"bare engine {bare_median:.1f} tok/s | Ray job {json.dumps(job['env'])} "
+            f"{job['tokens_per_s']:.1f} tok/s ({job['vs_bare']:.2f}x, actor start and model load included) | "
+            f"its batches {job['batch_tokens_per_s']:.1f} tok/s ({job['batches_vs_bare']:.2f}x)"
+        )
     print(json.dumps({"bench": "pipeline", **row}))
 
 
