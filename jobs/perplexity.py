@@ -40,14 +40,14 @@ def main(cfg: DictConfig) -> None:
     if skip.strategy == "adaptive":
         if skip.adapter:
             raise ValueError("skip.adapter is for static plans; set skip.adapter=null with skip=adaptive")
-        plan = build_adaptive_plan(skip, engine, chunks[: skip.calibration_rows])
+        plan, adapter = build_adaptive_plan(skip, engine, chunks[: skip.calibration_rows]), None
         result = adaptive_perplexity(engine, chunks, plan, cfg.context)
     else:
         plan, _, adapter = build_plan(skip, engine, cfg.batch_size)
         if adapter:
             model = load_adapter(model, adapter, plan)
         result = perplexity(model, chunks, plan, cfg.context, cfg.batch_size)
-    row = {"text": cfg.text, "plan": str(plan), "kept": plan.num_kept, "adapter": skip.adapter, **result}
+    row = {"text": cfg.text, "plan": str(plan), "kept": plan.num_kept, "adapter": adapter, **result}
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps(row, indent=2))

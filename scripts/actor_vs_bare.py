@@ -15,14 +15,15 @@ from skipengine import Engine, SamplingParams, load_model, make_plan
 ROWS, BATCH, NEW_TOKENS, REPEATS = 48, 8, 64, 3
 
 
-def decoder():
-    """A function that decodes the rows and returns generated tokens/s (the bench_pipeline setup)."""
+def decoder(rows: int = ROWS):
+    """A function that decodes the first `rows` Bible test-range rows and returns generated tokens/s (the
+    bench_pipeline setup)."""
     torch.set_num_threads(2)
     model, tokenizer = load_model("smollm2-135m-instruct", "cpu", "float32")
     engine = Engine(model, tokenizer)
     prompts = PromptBuilder(task_config("translate"), tokenizer)
     start = BIBLE_SPLITS["test"][0]
-    ids = [prompts.build(en).ids for en, _ in read_bible(start=start, stop=start + ROWS)]
+    ids = [prompts.build(en).ids for en, _ in read_bible(start=start, stop=start + rows)]
     plan = make_plan(engine.num_layers, "uniform", 2.0, "full", "layers")
     sampling = SamplingParams(max_new_tokens=NEW_TOKENS)
 

@@ -13,14 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from jobs.common import task_config
-from pipeline.corpora import BIBLE_SPLITS, read_bible
-from pipeline.prompts import PromptBuilder
-from skipengine import Engine, SamplingParams, load_model, make_plan
-
-BATCH, NEW_TOKENS = 8, 64
+from actor_vs_bare import decoder  # scripts/ is on the path when this runs as a script
 
 # an idle Ray Data job: the pool actor sleeps in its batch until the process is killed
 IDLE_JOB = """
@@ -57,21 +50,7 @@ def stop_background(proc: subprocess.Popen) -> None:
 
 
 def main(rows: int, repeats: int, variants: list[str]) -> None:
-    torch.set_num_threads(2)
-    model, tokenizer = load_model("smollm2-135m-instruct", "cpu", "float32")
-    engine = Engine(model, tokenizer)
-    prompts = PromptBuilder(task_config("translate"), tokenizer)
-    start = BIBLE_SPLITS["test"][0]
-    ids = [prompts.build(en).ids for en, _ in read_bible(start=start, stop=start + rows)]
-    plan = make_plan(engine.num_layers, "uniform", 2.0, "full", "layers")
-    sampling = SamplingParams(max_new_tokens=NEW_TOKENS)
-
-    def tokens_per_s() -> float:
-        t, n = time.perf_counter(), 0
-        for i in range(0, len(ids), BATCH):
-            n += engine.generate(ids[i : i + BATCH], plan, sampling).stats.num_generated_tokens
-        return n / (time.perf_counter() - t)
-
+    tokens_per_s = decoder(rows)
     tokens_per_s()  # warm-up
     sides: dict[str, dict | None] = {"no Ray": None, "idle Ray job": {}}
     sides |= {f"idle Ray job, {v}": dict([v.split("=", 1)]) for v in variants}
