@@ -1,8 +1,12 @@
 """python -m jobs.bench_adaptive: decode tokens/s of skip=adaptive (ADEPT) against uniform layer skipping
-(basis=measured) at the same targets, and against full depth, on ACLSum prompts at batch 1 and 8.
+(basis=measured) at the same targets, and against full depth, on ACLSum prompts at each batch size.
 
-Adaptive thresholds are calibrated once per target on the first `calibration_rows` prompts (as the job
-does) and held fixed here; every configuration of a batch size runs once per repeat, in rotating order.
+Adaptive thresholds (the exit classifiers', and CALM's LM-head confidence at the first target) are
+calibrated once per target on the first `calibration_rows` prompts and, with `controller=true`, held to the
+target step by step as the job holds them (the controller carries over from repeat to repeat); with
+`controller=false` the calibrated threshold stays fixed. Every configuration of a batch size runs once per
+repeat, in rotating order. adapter=...: an exit-aware
+adapter merged for every configuration (speed does not depend on the weights' values, only on the exits).
 """
 
 from __future__ import annotations
@@ -14,13 +18,12 @@ import statistics
 import hydra
 from omegaconf import DictConfig
 
-from jobs.common import engine_from_config, setup, task_config
+from jobs.common import setup, task_config
 from pipeline.config import SkipConfig
 from pipeline.corpora import read_aclsum
-from pipeline.generator import build_adaptive_plan
+from pipeline.generator import adaptive_engine, build_adaptive_plan
 from pipeline.prompts import PromptBuilder
-from skipengine import SamplingParams, full_plan, make_plan, measure_cost_model
-from skipengine.adaptive import AdaptivePlan
+from skipengine import SamplingParams, full_plan, load_model, make_plan, measure_cost_model
 
 log = logging.getLogger("bench_adaptive")
 
@@ -28,7 +31,9 @@ log = logging.getLogger("bench_adaptive")
 @hydra.main(config_path="../conf", config_name="bench_adaptive", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     setup(cfg.threads)
-    engine = engine_from_config(cfg.model)
+    model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
+    adaptive = dict(strategy="adaptive", exit_classifiers=cfg.exit_classifiers, adapter=cfg.adapter)
+    engine = adaptive_engine(SkipConfig(**adaptive), model, tokenizer)
     builder = PromptBuilder(task_config("summarize"), engine.tokenizer)
     prompts = [builder.build(r["abstract"]).ids for r in read_aclsum("test")]
     sampling = SamplingParams(max_new_tokens=cfg.new_tokens, ignore_eos=True)
@@ -40,22 +45,15 @@ def main(cfg: DictConfig) -> None:
             plans[f"uniform x{target:g}"] = make_plan(
                 engine.num_layers, "uniform", target, basis="measured", cost_model=cost
             )
-            skip = SkipConfig(  # the calibrated threshold held fixed: speed at one exit rule
-                strategy="adaptive",
-                target_speedup=target,
-                exit_classifiers=cfg.exit_classifiers,
-                controller=False,
-            )
+            skip = SkipConfig(**adaptive, target_speedup=target, controller=cfg.controller)
             plans[f"adaptive x{target:g}"] = build_adaptive_plan(
                 skip, engine, prompts[: cfg.calibration_rows]
             )
-        plans["confidence (CALM) x1.25"] = AdaptivePlan(
-            engine.num_layers,
-            plans[f"adaptive x{cfg.targets[0]:g}"].exit_layers,
-            cfg.confidence_threshold,
-            "confidence",
-            target_speedup=cfg.targets[0],
-        )
+        first = cfg.targets[0]
+        calm = SkipConfig(**adaptive, target_speedup=first, criterion="confidence", controller=cfg.controller)
+        calm.min_depth = min(plans[f"adaptive x{first:g}"].exit_layers) + 1  # the classifiers' exit points
+        calibration = prompts[: cfg.calibration_rows]
+        plans[f"confidence (CALM) x{first:g}"] = build_adaptive_plan(calm, engine, calibration)
         samples: dict[str, list] = {name: [] for name in plans}
         work = prompts[cfg.calibration_rows : cfg.calibration_rows + batch]
         for rep in range(cfg.repeats):

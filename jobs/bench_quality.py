@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from jobs.common import setup, task_config
 from pipeline.config import SkipConfig, TaskConfig
 from pipeline.corpora import BIBLE_SPLITS, read_aclsum, read_austen, read_bible
-from pipeline.generator import build_adaptive_plan
+from pipeline.generator import adaptive_engine, build_adaptive_plan
 from pipeline.metrics import score_task
 from pipeline.progress import Progress
 from pipeline.prompts import PromptBuilder
@@ -76,16 +76,21 @@ def evaluate(run: DictConfig, base, tokenizer, data: dict, cfg: DictConfig, cost
         skip = SkipConfig(
             strategy="adaptive",
             target_speedup=run.target,
-            exit_classifiers=run.exit_classifiers,
+            exit_classifiers=run.get("exit_classifiers"),
             criterion=run.get("criterion", "classifier"),
+            exit_every=run.get("exit_every", 2),
+            min_depth=run.get("min_depth", 6),  # the classifiers' exit points (conf/train_exits.yaml)
             threshold=run.get("threshold"),
             kv_fill=run.get("kv_fill", "decoupled"),
             controller=run.get("controller", True),
+            adapter=run.get("adapter"),
         )
+        engine = adaptive_engine(skip, copy.deepcopy(base) if skip.adapter else base, tokenizer)
+        model = engine.model
     else:
         plan = plan_for(run, base.config.num_hidden_layers, cost)
-    model = load_adapter(copy.deepcopy(base), run.adapter, plan) if run.get("adapter") else base
-    engine = Engine(model, tokenizer)
+        model = load_adapter(copy.deepcopy(base), run.adapter, plan) if run.get("adapter") else base
+        engine = Engine(model, tokenizer)
     start = time.perf_counter()
     summaries, decode_s, row_steps, layers, batch_speedups = generate_all(
         engine, plan, task_config("summarize"), data["abstracts"], cfg.batch_size, skip

@@ -6,6 +6,9 @@ corpus=bible   EN->ES verse pairs of the Bible train range (task=translate)
 corpus=aclsum  ACLSum train abstracts -> human summaries (task=summarize)
 corpus=run     a finished jobs.generate run (run_dir=...): its prompts -> its generated texts, e.g. a
                full-depth run over a sample of your own corpus, for self-distillation without references
+
+strategy=adaptive trains for skip=adaptive: every token, prompt or response, exits at a random exit point
+often enough that the mean depth meets each target, deeper layers see its exit state (the decoupled K/V).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pipeline.config import TaskConfig
 from pipeline.corpora import BIBLE_SPLITS, read_aclsum, read_bible
 from pipeline.prompts import PromptBuilder
 from skipengine import load_model, make_plan
+from skipengine.adaptive import AdaptivePlan, exit_layers_for
 from skipengine.finetune import Example, TrainConfig, train
 
 OmegaConf.register_new_resolver("join", lambda xs: "-".join(str(x) for x in xs), replace=True)
@@ -59,7 +63,11 @@ def main(cfg: DictConfig) -> None:
     examples = examples_for(cfg, tokenizer)
     log.info("%d training examples from corpus=%s", len(examples), cfg.corpus)
     layers = model.config.num_hidden_layers
-    plans = [make_plan(layers, cfg.strategy, t, cfg.prefill, cfg.basis) for t in cfg.targets]
+    if cfg.strategy == "adaptive":  # exit-aware: exits sampled per token at each target's mean depth
+        exits = exit_layers_for(layers, cfg.exit_every, cfg.min_depth)
+        plans = [AdaptivePlan(layers, exits, target_speedup=t) for t in cfg.targets]
+    else:
+        plans = [make_plan(layers, cfg.strategy, t, cfg.prefill, cfg.basis) for t in cfg.targets]
     if cfg.kept:  # explicit kept-layer counts (e.g. what basis=measured picks on your devices)
         plans += [make_plan(layers, cfg.strategy, layers / k, cfg.prefill, "layers") for k in cfg.kept]
     for plan in plans:

@@ -16,9 +16,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from jobs.common import setup
-from pipeline.config import SkipConfig
+from pipeline.config import SkipConfig, adaptive_adapter
 from pipeline.corpora import read_austen
-from pipeline.generator import build_adaptive_plan, build_plan
+from pipeline.generator import adaptive_engine, build_adaptive_plan, build_plan
 from skipengine import Engine, load_model
 from skipengine.lora import load_adapter
 from skipengine.perplexity import adaptive_perplexity, perplexity, windows
@@ -34,16 +34,15 @@ def main(cfg: DictConfig) -> None:
         raise ValueError(f"text={cfg.text!r} is unknown; use one of {', '.join(TEXTS)}")
     skip = SkipConfig(**OmegaConf.to_container(cfg.skip))
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
-    engine = Engine(model, tokenizer)
     ids = tokenizer(TEXTS[cfg.text](), add_special_tokens=False)["input_ids"]
     chunks = windows(ids, cfg.window_tokens, cfg.windows)
     if skip.strategy == "adaptive":
-        if skip.adapter:
-            raise ValueError("skip.adapter is for static plans; set skip.adapter=null with skip=adaptive")
-        plan, adapter = build_adaptive_plan(skip, engine, chunks[: skip.calibration_rows]), None
+        skip.adapter = adaptive_adapter(skip) if skip.adapter == "auto" else skip.adapter
+        engine, adapter = adaptive_engine(skip, model, tokenizer), skip.adapter
+        plan = build_adaptive_plan(skip, engine, chunks[: skip.calibration_rows])
         result = adaptive_perplexity(engine, chunks, plan, cfg.context)
     else:
-        plan, _, adapter = build_plan(skip, engine, cfg.batch_size)
+        plan, _, adapter = build_plan(skip, Engine(model, tokenizer), cfg.batch_size)
         if adapter:
             model = load_adapter(model, adapter, plan)
         result = perplexity(model, chunks, plan, cfg.context, cfg.batch_size)

@@ -1,6 +1,8 @@
 """python -m jobs.train_exits: exit classifiers for skip=adaptive, from full-depth traces of unlabeled
 text: a finished jobs.generate run's prompts and outputs (run_dir=...), i.e. your own corpus as the model
-reads and writes it. Writes `out` (a safetensors file tied to the model) and prints per-exit stats."""
+reads and writes it. Writes `out` (a safetensors file tied to the model) and prints per-exit stats.
+adapter=<an exit-aware adapter, jobs.finetune strategy=adaptive>: trained on the model with it merged,
+and tied to it (skip.adapter=auto then loads that adapter with these classifiers)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from omegaconf import DictConfig
 
 from jobs.common import run_pairs, setup
 from skipengine import load_model
-from skipengine.adaptive import exit_layers_for
+from skipengine.adaptive import AdaptivePlan, exit_layers_for
 from skipengine.exits import save_exit_classifiers, train_exit_classifiers
+from skipengine.lora import load_adapter
 from skipengine.perplexity import windows
 
 log = logging.getLogger("train_exits")
@@ -29,9 +32,13 @@ def main(cfg: DictConfig) -> None:
         stream += tokenizer(prompt + generated, add_special_tokens=False)["input_ids"]
     chunks = windows(stream, cfg.window_tokens, len(stream) // cfg.window_tokens)
     exits = exit_layers_for(model.config.num_hidden_layers, cfg.exit_every, cfg.min_depth)
+    if cfg.adapter:  # the classifiers must read the hidden states of the model they will run with
+        model = load_adapter(model, cfg.adapter, AdaptivePlan(model.config.num_hidden_layers, exits))
     log.info("%d windows of %d tokens, exit points after layers %s", len(chunks), cfg.window_tokens, exits)
     classifiers, stats = train_exit_classifiers(model, chunks, exits, cfg.steps, cfg.lr, cfg.width)
-    save_exit_classifiers(classifiers, cfg.out, model, run_dir=str(cfg.run_dir), windows=len(chunks))
+    save_exit_classifiers(
+        classifiers, cfg.out, model, cfg.adapter, run_dir=str(cfg.run_dir), windows=len(chunks)
+    )
     for layer, s in stats.items():
         log.info(
             "exit after layer %d: %.1f%% already final, accuracy %.3f",

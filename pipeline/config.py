@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import MISSING
 
 from skipengine.adaptive import CRITERIA, KV_FILLS
+from skipengine.exits import classifier_adapter
 from skipengine.plan import BASES, PREFILL_MODES, STRATEGIES
 
 FORMATS = ("auto", "parquet", "jsonl", "csv", "hf_disk")
@@ -56,7 +57,7 @@ class SkipConfig:
     # calibrate a full-depth cost model in each actor, so per-batch stats report the achieved speedup
     measure_achieved: bool = True
     # a skip-aware LoRA adapter (jobs.finetune) for this model and plan; "auto": the best of the model's
-    # shipped adapters for the task and plan when the strategy is uniform, else none
+    # shipped adapters for the task and plan (uniform), the exit classifiers' own adapter (adaptive)
     adapter: str | None = None
     # strategy=adaptive (ADEPT): per-token exits; see conf/skip/adaptive.yaml
     exit_classifiers: str | None = None  # jobs.train_exits output (criterion=classifier)
@@ -116,12 +117,23 @@ def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{key}={value!r} is not valid; use one of: {', '.join(valid)}")
 
 
+def adaptive_adapter(skip: SkipConfig) -> str | None:
+    """skip.adapter=auto under skip=adaptive: the adapter the exit classifiers were trained with (None: the
+    base model's classifiers, or criterion=confidence), since they read that model's hidden states."""
+    classifiers = skip.criterion == "classifier" and skip.exit_classifiers
+    found = classifiers and Path(classifiers).expanduser().is_file()  # else validate names it
+    return classifier_adapter(Path(classifiers).expanduser()) if found else None
+
+
 def resolve_adapter(cfg: JobConfig) -> None:
     """skip.adapter=auto stays auto (the actors choose among the shipped adapters once they know the
-    plan) or becomes None when nothing is shipped for the strategy and task; adapter and exit-classifier
+    plan) or becomes None when nothing is shipped for the strategy and task; with skip=adaptive it becomes
+    the adapter the exit classifiers were trained with (None: the base model); adapter and exit-classifier
     paths made absolute, since actors may not share the driver's working directory."""
     shipped = cfg.model.adapters.get(cfg.task.name, [])
-    if cfg.skip.adapter == "auto" and (cfg.skip.strategy != "uniform" or not shipped):
+    if cfg.skip.adapter == "auto" and cfg.skip.strategy == "adaptive":
+        cfg.skip.adapter = adaptive_adapter(cfg.skip)
+    elif cfg.skip.adapter == "auto" and (cfg.skip.strategy != "uniform" or not shipped):
         cfg.skip.adapter = None
     if shipped:
         cfg.model.adapters[cfg.task.name] = [str(Path(p).expanduser().resolve()) for p in shipped]
@@ -175,8 +187,6 @@ def validate(cfg: JobConfig) -> None:
                 "skip=adaptive with criterion=classifier needs skip.exit_classifiers=<file from "
                 "jobs.train_exits>, or use skip.criterion=confidence"
             )
-        if cfg.skip.adapter:
-            raise ValueError("skip.adapter is a LoRA adapter for a static plan; skip=adaptive takes none")
         if cfg.skip.exit_classifiers and not Path(cfg.skip.exit_classifiers).expanduser().is_file():
             raise FileNotFoundError(f"skip.exit_classifiers={cfg.skip.exit_classifiers!r} does not exist")
     if not Path(cfg.data.path).expanduser().exists():

@@ -148,25 +148,42 @@ def choose_adapter_plan(
     return chosen, path
 
 
+def adaptive_engine(skip: SkipConfig, model: torch.nn.Module, tokenizer) -> Engine:
+    """The engine for skip=adaptive: skip.adapter (an exit-aware adapter: jobs.finetune strategy=adaptive)
+    merged into the model, and exit classifiers trained on that same model (they read its hidden states;
+    loading refuses classifiers trained with another adapter or none)."""
+    layers = model.config.num_hidden_layers
+    classifiers = None
+    exits = exit_layers_for(layers, skip.exit_every, skip.min_depth)
+    if skip.criterion == "classifier":
+        classifiers = load_exit_classifiers(skip.exit_classifiers, model, skip.adapter)
+        exits = classifiers.exit_layers
+    if skip.adapter:
+        model = load_adapter(model, skip.adapter, AdaptivePlan(layers, exits))
+    engine = Engine(model, tokenizer)
+    engine.exit_classifiers = classifiers
+    return engine
+
+
 def build_adaptive_plan(skip: SkipConfig, engine: Engine, calibration: list[list[int]]) -> AdaptivePlan:
     """The threshold is the configured one, or the highest whose predicted speedup on the calibration
     prompts' full-depth traces meets the target; with skip.controller, the plan carries a controller that
-    holds the target step by step along that calibration's curve."""
+    holds the target step by step along that calibration's curve. The engine comes from adaptive_engine."""
     layers = engine.num_layers
     if skip.criterion == "classifier":
-        engine.exit_classifiers = load_exit_classifiers(skip.exit_classifiers, engine.model)
         exits = engine.exit_classifiers.exit_layers
     else:
         exits = exit_layers_for(layers, skip.exit_every, skip.min_depth)
     kv = kv_fraction(engine.adapter)
     threshold, predicted, controller = skip.threshold, None, None
     if threshold is None or skip.controller:
-        if skip.criterion != "classifier" or not calibration:
+        if skip.criterion == "fixed" or not calibration:
             raise ValueError(
-                "skip.threshold=null and skip.controller=true calibrate from exit classifiers on the "
-                "corpus's first rows; for criterion=confidence set skip.threshold and skip.controller=false"
+                "skip.threshold=null and skip.controller=true calibrate the exit scores on the corpus's "
+                f"first rows (none here); with criterion={skip.criterion} set skip.threshold and "
+                "skip.controller=false"
             )
-        probs = exit_probabilities(engine, calibration, exits)
+        probs = exit_probabilities(engine, calibration, exits, skip.criterion)
         calibrated, predicted = threshold_for_target(probs, exits, layers, skip.target_speedup, kv)
         threshold = calibrated if threshold is None else threshold
         if skip.controller:
@@ -191,22 +208,22 @@ class Generator:
         model, tokenizer = load_model(
             cfg.model.spec, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code
         )
-        self.engine = Engine(model, tokenizer)
         self.prompts = PromptBuilder(cfg.task, tokenizer)
         self.kv_price = 0.0  # layers per K/V fill (adaptive exits)
-        self.adapter = None
         if cfg.skip.strategy == "adaptive":
+            self.engine, self.adapter = adaptive_engine(cfg.skip, model, tokenizer), cfg.skip.adapter
             calibration = [p.ids for p in map(self.prompts.build, calibration_texts or []) if p.ids]
             self.plan = build_adaptive_plan(cfg.skip, self.engine, calibration)
             self.kv_price = kv_fraction(self.engine.adapter)
             self.costs = []
         else:
+            self.engine = Engine(model, tokenizer)
             shipped = cfg.model.adapters.get(cfg.task.name, [])
             self.plan, self.costs, self.adapter = build_plan(
                 cfg.skip, self.engine, cfg.cluster.batch_size, shipped
             )
-        if self.adapter:  # merged into the weights; the engine's frozen kernels are rebuilt from them
-            self.engine = Engine(load_adapter(model, self.adapter, self.plan), tokenizer)
+            if self.adapter:  # merged into the weights; the engine's frozen kernels are rebuilt from them
+                self.engine = Engine(load_adapter(model, self.adapter, self.plan), tokenizer)
         task = cfg.task
         self.sampling = SamplingParams(
             max_new_tokens=task.max_new_tokens,

@@ -113,19 +113,24 @@ class ExitClassifiers(torch.nn.Module):
         return self.heads[str(layer)](normed).squeeze(-1)
 
 
-def leaving(engine, plan: AdaptivePlan, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-    """hidden: [N, D] of the tokens still deciding -> bool [N], True = exit now."""
+def exit_scores(engine, criterion: str, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden: [N, D] after `layer` -> [N] in [0, 1]; a token exits where its score reaches the threshold."""
     ad = engine.adapter
-    if plan.criterion == "fixed":
-        return torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-    if plan.criterion == "confidence":  # CALM's baseline: a full LM-head pass per check
-        return ad.logits(hidden).softmax(-1).amax(-1) >= plan.threshold
+    if criterion == "fixed":
+        return torch.ones(hidden.shape[0], device=hidden.device)
+    if criterion == "confidence":  # CALM's baseline: a full LM-head pass per check
+        return ad.logits(hidden).float().softmax(-1).amax(-1)
     if engine.exit_classifiers is None:
         raise ValueError(
             "criterion=classifier needs exit classifiers: load them with skip.exit_classifiers=…"
         )
     normed = ad.norm(ad.final_norm, hidden)
-    return torch.sigmoid(engine.exit_classifiers(layer, normed).float()) >= plan.threshold
+    return torch.sigmoid(engine.exit_classifiers(layer, normed).float())
+
+
+def leaving(engine, plan: AdaptivePlan, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden: [N, D] of the tokens still deciding -> bool [N], True = exit now."""
+    return exit_scores(engine, plan.criterion, layer, hidden) >= plan.threshold
 
 
 def fill_deeper_kv(engine, plan: AdaptivePlan, layer: int, hidden, rows, cols, ropes, start, cache) -> None:
@@ -210,8 +215,11 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
 
 
 @torch.inference_mode()
-def exit_probabilities(engine, prompts: list[list[int]], exit_layers: tuple[int, ...]) -> torch.Tensor:
-    """Exit-classifier probabilities [E, N] for every token of `prompts` run at full depth."""
+def exit_probabilities(
+    engine, prompts: list[list[int]], exit_layers: tuple[int, ...], criterion: str = "classifier"
+) -> torch.Tensor:
+    """Exit scores [E, N] (exit_scores: classifier probabilities or CALM's LM-head confidence) for every
+    token of `prompts` run at full depth."""
     ad, out = engine.adapter, []
     for ids in prompts:
         hidden = ad.embed(torch.tensor([ids], device=engine.device))
@@ -223,7 +231,6 @@ def exit_probabilities(engine, prompts: list[list[int]], exit_layers: tuple[int,
         for i in range(max(exit_layers) + 1):
             hidden = engine.layer(i, hidden, ropes, masks, 0, cache)
             if i in exit_layers:
-                normed = ad.norm(ad.final_norm, hidden[0])
-                per_exit.append(torch.sigmoid(engine.exit_classifiers(i, normed).float()))
+                per_exit.append(exit_scores(engine, criterion, i, hidden[0]))
         out.append(torch.stack(per_exit))
     return torch.cat(out, dim=1).cpu()

@@ -4,6 +4,10 @@ A token that does not run layer l passes its hidden state through unchanged (the
 so contributes that layer's K/V from its current state only where it ran. This is how ULS trains (the
 prompt runs every layer, the response only the kept ones, loss on the response) and the cache-free
 reference the engine is checked against.
+
+The same gate trains adaptive early exit: a token that exits after layer e keeps h_e for every deeper
+layer, so each deeper layer computes its K/V from norm_l(h_e), which is exactly ADEPT's decoupled fill
+(skipengine.adaptive), and its prediction is the final norm and LM head on h_e.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from skipengine.adaptive import AdaptivePlan
 from skipengine.plan import SkipPlan
 
 
@@ -55,3 +60,35 @@ def plan_runs(plan: SkipPlan, is_prompt: torch.Tensor) -> torch.Tensor:
     decode = torch.zeros_like(prefill)
     decode[list(plan.kept_layers)] = True
     return torch.where(is_prompt[None], prefill[:, None, None], decode[:, None, None])
+
+
+def exit_runs(depth: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """runs [L, B, T] for tokens that run their first depth[b, t] layers, then exit."""
+    layers = torch.arange(num_layers, device=depth.device)
+    return layers[:, None, None] < depth[None]
+
+
+def sample_exit_depths(
+    plan: AdaptivePlan, shape: tuple[int, ...], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Layers run per token [shape] for exit-aware training: each token exits with probability p at an
+    exit point drawn uniformly, else runs every layer; p makes the mean depth L / plan.target_speedup
+    (K/V fills not priced), capped at 1 when exits alone cannot reach it."""
+    layers = plan.num_layers
+    exit_depths = torch.tensor([e + 1 for e in plan.exit_layers], dtype=torch.float)
+    target_depth = layers / plan.target_speedup
+    p_exit = min(1.0, max(0.0, (layers - target_depth) / (layers - exit_depths.mean().item())))
+    exits = torch.rand(shape, generator=generator) < p_exit
+    drawn = exit_depths[torch.randint(len(exit_depths), shape, generator=generator)].long()
+    return torch.where(exits, drawn, torch.full(shape, layers))
+
+
+def training_runs(
+    plan: SkipPlan | AdaptivePlan, is_prompt: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """runs [L, B, T] as inference would run the plan: a static plan's prefill and kept layers, or
+    adaptive exits sampled per token (prompt tokens exit too, as ADEPT's prefill does)."""
+    if isinstance(plan, AdaptivePlan):
+        depth = sample_exit_depths(plan, tuple(is_prompt.shape), generator)
+        return exit_runs(depth.to(is_prompt.device), plan.num_layers)
+    return plan_runs(plan, is_prompt)

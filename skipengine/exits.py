@@ -4,6 +4,10 @@ small safetensors file tied to the base model.
 Label of a token at exit point e: the prediction from its hidden state after layer e (through the final
 norm and the LM head) already equals the full-depth prediction. The classifier sees only the final-normed
 hidden state, so the decision costs a tiny MLP instead of an LM-head pass.
+
+Classifiers read the hidden states of the model they were trained on: trained on a model with an
+exit-aware adapter merged (jobs.finetune strategy=adaptive), the file records that adapter, and loading
+refuses any other (or none).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from skipengine.adaptive import ExitClassifiers
-from skipengine.lora import base_model, fingerprint
+from skipengine.lora import adapter_id, base_model, fingerprint
 
 log = logging.getLogger(__name__)
 FORMAT = "skipengine-exits-1"
@@ -83,7 +87,10 @@ def train_exit_classifiers(
     return classifiers, stats
 
 
-def save_exit_classifiers(classifiers: ExitClassifiers, path: str | Path, model: nn.Module, **info) -> Path:
+def save_exit_classifiers(
+    classifiers: ExitClassifiers, path: str | Path, model: nn.Module, adapter: str | None = None, **info
+) -> Path:
+    """`adapter`: the adapter file merged into `model` while the classifiers trained, if any."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     first = classifiers.heads[str(classifiers.exit_layers[0])]
@@ -92,6 +99,8 @@ def save_exit_classifiers(classifiers: ExitClassifiers, path: str | Path, model:
         "base_fingerprint": fingerprint(model),
         "exit_layers": json.dumps(list(classifiers.exit_layers)),
         "width": str(first[0].out_features),
+        "adapter": str(adapter or ""),
+        "adapter_id": adapter_id(adapter) if adapter else "",
         "info": json.dumps(info),
     }
     state = {k: v.detach().contiguous() for k, v in classifiers.state_dict().items()}
@@ -99,12 +108,30 @@ def save_exit_classifiers(classifiers: ExitClassifiers, path: str | Path, model:
     return path
 
 
-def load_exit_classifiers(path: str | Path, model: nn.Module) -> ExitClassifiers:
-    """The classifiers at `path`; refuses a file trained on another base model."""
+def exit_metadata(path: str | Path) -> dict:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
         raise ValueError(f"skip.exit_classifiers={str(path)!r} is not a skipengine exit-classifier file")
+    return meta
+
+
+def classifier_adapter(path: str | Path) -> str | None:
+    """The adapter file the classifiers were trained with (as given to jobs.train_exits), or None."""
+    return exit_metadata(path).get("adapter") or None
+
+
+def load_exit_classifiers(path: str | Path, model: nn.Module, adapter: str | None = None) -> ExitClassifiers:
+    """The classifiers at `path` for `model` with `adapter` merged (None: the base model); refuses a file
+    trained on another base model or with another adapter."""
+    meta = exit_metadata(path)
+    trained_with = meta.get("adapter_id") or None
+    if trained_with != (adapter_id(adapter) if adapter else None):
+        raise ValueError(
+            f"skip.exit_classifiers={str(path)!r} were trained on the model with adapter "
+            f"{meta.get('adapter') or 'none'}, but this run uses {adapter or 'none'}; set skip.adapter to "
+            "theirs (skip.adapter=auto does) or train classifiers for it (jobs.train_exits adapter=...)"
+        )
     if meta["base_fingerprint"] != fingerprint(model):
         raise ValueError(
             f"skip.exit_classifiers={str(path)!r} was trained on a different base model; train them for this "

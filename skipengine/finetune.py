@@ -29,7 +29,8 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from safetensors.torch import save_file
 from torch import nn
 
-from skipengine.depth import plan_runs, token_depth
+from skipengine.adaptive import AdaptivePlan
+from skipengine.depth import token_depth, training_runs
 from skipengine.lora import FORMAT, FULL_FORMAT, base_model, fingerprint, plan_key
 from skipengine.plan import SkipPlan
 
@@ -68,27 +69,29 @@ def collate(examples: Sequence[Example], pad_id: int, max_len: int) -> dict[str,
     return batch
 
 
-def response_logits(model: nn.Module, batch: dict[str, torch.Tensor], plan: SkipPlan | None) -> torch.Tensor:
+def response_logits(
+    model: nn.Module, batch: dict[str, torch.Tensor], runs: torch.Tensor | None
+) -> torch.Tensor:
     """Logits [N, V] at the N positions that predict a response token (position t predicts t+1), with
-    prompt tokens through plan.prefill_layers and the rest through plan.kept_layers (plan None: full
+    token (b, t) through the layers l where runs[l, b, t] (skipengine.depth.training_runs; None: full
     depth). The LM head runs on those positions only: over a 49k vocabulary it is most of the memory."""
     hf = base_model(model)
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    if plan is None:
+    if runs is None:
         hidden = hf.model(**inputs).last_hidden_state
     else:
-        with token_depth(hf, plan_runs(plan, batch["is_prompt"])):
+        with token_depth(hf, runs):
             hidden = hf.model(**inputs).last_hidden_state
     return hf.lm_head(hidden[:, :-1][batch["loss_mask"][:, 1:]])
 
 
-def uls_loss(model: nn.Module, batch: dict[str, torch.Tensor], plan: SkipPlan) -> torch.Tensor:
+def uls_loss(model: nn.Module, batch: dict[str, torch.Tensor], runs: torch.Tensor) -> torch.Tensor:
     targets = batch["input_ids"][:, 1:][batch["loss_mask"][:, 1:]]
-    return F.cross_entropy(response_logits(model, batch, plan).float(), targets)
+    return F.cross_entropy(response_logits(model, batch, runs).float(), targets)
 
 
 def distill_loss(
-    model: nn.Module, batch: dict[str, torch.Tensor], plan: SkipPlan, teacher: nn.Module | None = None
+    model: nn.Module, batch: dict[str, torch.Tensor], runs: torch.Tensor, teacher: nn.Module | None = None
 ) -> torch.Tensor:
     """KL(full-depth teacher || skipping student) on the response positions. The teacher is a frozen
     copy of the base model (full fine-tuning) or, with teacher None, the same weights with the LoRA
@@ -99,7 +102,7 @@ def distill_loss(
                 target = response_logits(model, batch, None)
         else:
             target = response_logits(teacher, batch, None)
-    student = response_logits(model, batch, plan)
+    student = response_logits(model, batch, runs)
     return F.kl_div(
         F.log_softmax(student.float(), -1),
         F.log_softmax(target.float(), -1),
@@ -145,7 +148,9 @@ def restore_trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
         model.load_state_dict(state, strict=False)
 
 
-def save_adapter(model: nn.Module, path: str | Path, plans: Sequence[SkipPlan], **info) -> Path:
+def save_adapter(
+    model: nn.Module, path: str | Path, plans: Sequence[SkipPlan | AdaptivePlan], **info
+) -> Path:
     """The trained weights (LoRA, or every decoder weight for full fine-tuning), tied to this base model
     and these plans (metadata)."""
     lora = getattr(model, "peft_config", {}).get("default")
@@ -198,13 +203,14 @@ def batches(examples: Sequence[Example], size: int, seed: int) -> Iterator[list[
 def train(
     model: nn.Module,
     examples: Sequence[Example],
-    plans: Sequence[SkipPlan],
+    plans: Sequence[SkipPlan | AdaptivePlan],
     config: TrainConfig,
     out_dir: str | Path,
     pad_id: int,
 ) -> Path:
     """Trains a LoRA adapter on `examples` under `plans` (one plan: the paper's per-speedup adapter;
-    several: a random one per step, one adapter for the whole range). Checkpoints to out_dir and resumes
+    several: a random one per step, one adapter for the whole range; an adaptive plan: exits sampled
+    per token, skipengine.depth.sample_exit_depths). Checkpoints to out_dir and resumes
     from it; returns the adapter's path. Logs loss curves to out_dir/log.jsonl."""
     if config.loss not in LOSSES:
         raise ValueError(f"finetune.loss={config.loss!r} is unknown; use one of {', '.join(LOSSES)}")
@@ -233,6 +239,7 @@ def train(
         log.info("resuming from step %d", start)
     loss_fn = partial(distill_loss, teacher=teacher) if teacher is not None else LOSSES[config.loss]
     rng = random.Random(config.seed + start)
+    exit_rng = torch.Generator().manual_seed(config.seed + start)
     stream = batches(examples, config.batch_size, config.seed)
     for _ in range(start):  # the same data order as an uninterrupted run
         next(stream)
@@ -243,7 +250,7 @@ def train(
         plan = plans[rng.randrange(len(plans))]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = loss_fn(model, batch, plan)
+        loss = loss_fn(model, batch, training_runs(plan, batch["is_prompt"], exit_rng))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from skipengine.adaptive import AdaptivePlan
 from skipengine.plan import SkipPlan
 
 FORMAT = "skipengine-lora-1"
@@ -39,8 +40,19 @@ def fingerprint(model: nn.Module) -> str:
     return hashlib.sha1(sizes.encode() + head).hexdigest()[:16]
 
 
-def plan_key(plan: SkipPlan) -> str:
-    return f"{plan.prefill}:{','.join(map(str, plan.kept_layers))}"
+def adapter_id(path: str | Path) -> str:
+    """Identifies an adapter file by its content (a retrained adapter under the same name differs)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def plan_key(plan: SkipPlan | AdaptivePlan) -> str:
+    """ "full:0,1,4,...": prefill mode and kept layers; "adaptive:5,7,...": the exit points."""
+    layers = plan.exit_layers if isinstance(plan, AdaptivePlan) else plan.kept_layers
+    return f"{plan.prefill}:{','.join(map(str, layers))}"
 
 
 def adapter_metadata(path: str | Path) -> dict:

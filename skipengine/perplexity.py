@@ -18,6 +18,7 @@ from torch import nn
 from skipengine.adaptive import AdaptivePlan, adaptive_layers
 from skipengine.cache import StaticKVCache
 from skipengine.control import kv_fraction, layer_speedup
+from skipengine.depth import plan_runs
 from skipengine.finetune import Example, collate, response_logits
 from skipengine.plan import SkipPlan
 
@@ -43,7 +44,8 @@ def perplexity(
         examples = [Example(list(w[:context]), list(w[context:])) for w in token_windows[i : i + batch_size]]
         batch = collate(examples, pad_id=0, max_len=max(len(w) for w in token_windows))
         targets = batch["input_ids"][:, 1:][batch["loss_mask"][:, 1:]]
-        logits = response_logits(model, batch, plan).float()
+        runs = None if plan is None else plan_runs(plan, batch["is_prompt"])
+        logits = response_logits(model, batch, runs).float()
         total_nll += F.cross_entropy(logits, targets, reduction="sum").item()
         total += targets.numel()
     return {"perplexity": math.exp(total_nll / total), "nll": total_nll / total, "tokens": total}

@@ -9,7 +9,7 @@ from reference import hf_greedy
 from skipengine import Engine, SamplingParams, full_plan
 from skipengine.adaptive import AdaptivePlan, ExitClassifiers, adaptive_layers, exit_layers_for
 from skipengine.cache import StaticKVCache
-from skipengine.depth import token_depth
+from skipengine.depth import exit_runs, sample_exit_depths, token_depth
 from skipengine.exits import load_exit_classifiers, save_exit_classifiers, train_exit_classifiers
 
 NEW = 12
@@ -221,3 +221,76 @@ def test_the_engine_steps_the_plans_controller_and_reports_its_mean_threshold(en
     assert stats.exit_threshold is not None and 0 <= stats.exit_threshold <= 1.01
     again = engine.generate(prompts, AdaptivePlan(L, exits, 0.5, controller=control), greedy()).stats
     assert again.exit_threshold != stats.exit_threshold  # carried on from the last batch, not reset to 0.5
+
+
+def test_exit_aware_training_forward_equals_adaptive_inference(engine, llama):
+    """The training forward (HF modules, skipengine.depth) with each token gated at the depth the
+    engine's adaptive exits chose gives the engine's exit hidden states: a frozen state feeding deeper
+    layers' K/V is the decoupled fill."""
+    ad, ids = engine.adapter, [(11 * i) % 300 + 5 for i in range(20)]
+    cache = StaticKVCache(range(L), 1, ad.num_kv_heads, 64, ad.head_dim, torch.float32, "cpu")
+    inference, depth = run_forward(engine, ids, plan(), cache)
+    assert 0 < int((depth < L).sum()) < len(ids)  # a mix of exits and full-depth tokens
+    with torch.no_grad(), token_depth(llama, exit_runs(depth, L)):
+        training = llama.model(input_ids=torch.tensor([ids])).last_hidden_state
+    torch.testing.assert_close(ad.norm(ad.final_norm, inference), training, atol=1e-5, rtol=1e-4)
+
+
+def test_sampled_exits_meet_the_target_depth_on_average():
+    exits = exit_layers_for(30, 2, 6)
+    generator = torch.Generator().manual_seed(0)
+    for target in (1.25, 1.5):
+        depth = sample_exit_depths(AdaptivePlan(30, exits, target_speedup=target), (64, 256), generator)
+        assert set(depth.unique().tolist()) <= {e + 1 for e in exits} | {30}
+        assert depth.float().mean().item() == pytest.approx(30 / target, rel=0.02)
+    # exits alone reach at most 30 / mean exit depth (17 layers): every token exits
+    deepest = sample_exit_depths(AdaptivePlan(30, exits, target_speedup=3.0), (64, 256), generator)
+    assert (deepest < 30).all()
+
+
+def test_an_exit_aware_adapter_trains_and_its_classifiers_bring_it_into_the_job(
+    tmp_path, tiny_model_dir, tokenizer
+):
+    import copy
+
+    from pipeline_helpers import corpus_rows, job, write_jsonl
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.run import run_job
+    from skipengine import make_plan
+    from skipengine.finetune import Example, TrainConfig, train
+    from skipengine.lora import adapter_plans, load_adapter
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    exits = exit_layers_for(L, 2, 2)
+    exit_plan = AdaptivePlan(L, exits, target_speedup=1.5)
+    texts = [tokenizer(r["text"] * 2)["input_ids"] for r in corpus_rows(8)]
+    examples = [Example(ids[:10], ids[10:20]) for ids in texts]
+    config = TrainConfig("distill", steps=2, batch_size=4, save_every=2, warmup_steps=1, lr=1e-3)
+    pad = tokenizer.pad_token_id
+    adapter = train(copy.deepcopy(base), examples, [exit_plan], config, tmp_path / "ft", pad)
+    assert adapter_plans(adapter) == [("adaptive", exits)]
+    with pytest.raises(ValueError, match="trained for plans"):
+        load_adapter(copy.deepcopy(base), adapter, make_plan(L, "uniform", 1.5))
+
+    merged = load_adapter(copy.deepcopy(base), adapter, exit_plan)
+    classifiers, _ = train_exit_classifiers(merged, [ids[:20] for ids in texts], exits, steps=20)
+    path = save_exit_classifiers(classifiers, tmp_path / "exits.safetensors", merged, str(adapter))
+    with pytest.raises(ValueError, match="with adapter"):
+        load_exit_classifiers(path, base)  # the base model's hidden states are not what they learned
+
+    data = write_jsonl(tmp_path / "c.jsonl", corpus_rows(8))
+    skip = {"strategy": "adaptive", "target_speedup": 1.5, "exit_classifiers": str(path), "adapter": "auto"}
+    summary = run_job(job(tiny_model_dir, data, tmp_path / "run", skip=skip))
+    assert summary["rows_ok"] == 8 and summary["adapter"] == adapter.name
+
+
+def test_calms_confidence_calibrates_and_holds_a_target_like_the_classifiers(engine, prompts):
+    from pipeline.config import SkipConfig
+    from pipeline.generator import build_adaptive_plan
+
+    skip = SkipConfig(strategy="adaptive", target_speedup=1.5, criterion="confidence", min_depth=2)
+    calm = build_adaptive_plan(skip, engine, prompts)
+    assert calm.criterion == "confidence" and calm.controller is not None and 0 <= calm.threshold <= 1
+    out = engine.generate(prompts, calm, greedy())
+    assert out.stats.decode_layers_per_token < L

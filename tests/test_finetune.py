@@ -12,6 +12,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from skipengine import Engine, full_plan, make_plan
+from skipengine.depth import training_runs
 from skipengine.finetune import (
     Example,
     TrainConfig,
@@ -47,7 +48,8 @@ def test_training_forward_equals_inference_forward(llama, tokenizer, examples, p
     engine = Engine(llama, tokenizer)
     batch = collate(examples, tokenizer.pad_token_id, max_len=64)
     with torch.no_grad():
-        training = response_logits(llama, batch, plan)  # rows' response positions, in order
+        # the rows' response positions, in order
+        training = response_logits(llama, batch, training_runs(plan, batch["is_prompt"]))
     inference = torch.cat([engine.score(ex.prompt, ex.response, plan) for ex in examples])
     torch.testing.assert_close(training, inference, atol=2e-4, rtol=1e-4)
 
@@ -57,13 +59,13 @@ def test_one_step_lowers_the_loss(tokenizer, examples, loss_fn):
     model = add_lora(build_llama(tokenizer), rank=8, alpha=16)
     batch = collate(examples, tokenizer.pad_token_id, max_len=64)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    before = loss_fn(model, batch, PLAN)
+    before = loss_fn(model, batch, training_runs(PLAN, batch["is_prompt"]))
     if loss_fn is distill_loss:  # LoRA starts as a no-op, so the student differs only by the skipped layers
         assert before.item() > 0
     before.backward()
     optimizer.step()
     with torch.no_grad():
-        after = loss_fn(model, batch, PLAN)
+        after = loss_fn(model, batch, training_runs(PLAN, batch["is_prompt"]))
     assert after.item() < before.item()
 
 
@@ -77,7 +79,8 @@ def test_adapter_round_trip_and_refusals(tmp_path, tokenizer, examples):
     merged = load_adapter(copy.deepcopy(base), path, PLAN)
     batch = collate(examples, tokenizer.pad_token_id, max_len=64)
     with torch.no_grad():
-        assert not torch.allclose(response_logits(merged, batch, PLAN), response_logits(base, batch, PLAN))
+        runs = training_runs(PLAN, batch["is_prompt"])
+        assert not torch.allclose(response_logits(merged, batch, runs), response_logits(base, batch, runs))
     # the peft-free merge is peft's own merge
     peft_model = add_lora(copy.deepcopy(base), config.rank, config.alpha)
     set_peft_model_state_dict(peft_model, load_file(str(path)))
@@ -161,8 +164,9 @@ def test_full_fine_tuning_trains_the_decoder_and_round_trips(tmp_path, tokenizer
     assert adapter_metadata(path)["format"] == "skipengine-full-1"
     batch = collate(examples, tokenizer.pad_token_id, max_len=64)
     with torch.no_grad():  # the student moved toward its frozen full-depth teacher (each step saw this batch)
-        before = distill_loss(copy.deepcopy(base), batch, PLAN, teacher=base)
-        assert distill_loss(trained, batch, PLAN, teacher=base) < before
+        runs = training_runs(PLAN, batch["is_prompt"])
+        before = distill_loss(copy.deepcopy(base), batch, runs, teacher=base)
+        assert distill_loss(trained, batch, runs, teacher=base) < before
 
     loaded = load_adapter(copy.deepcopy(base), path, PLAN)
     for name, weight in trained.state_dict().items():
