@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def save_exit_classifiers(
         "base_fingerprint": fingerprint(model),
         "exit_layers": json.dumps(list(classifiers.exit_layers)),
         "width": str(first[0].out_features),
-        "adapter": str(adapter or ""),
+        # relative to this file, so the pair can move together (and actors resolve it anywhere)
+        "adapter": os.path.relpath(adapter, path.parent) if adapter else "",
         "adapter_id": adapter_id(adapter) if adapter else "",
         "info": json.dumps(info),
     }
@@ -117,8 +119,9 @@ def exit_metadata(path: str | Path) -> dict:
 
 
 def classifier_adapter(path: str | Path) -> str | None:
-    """The adapter file the classifiers were trained with (as given to jobs.train_exits), or None."""
-    return exit_metadata(path).get("adapter") or None
+    """The adapter file the classifiers were trained with, or None."""
+    recorded = exit_metadata(path).get("adapter")
+    return str(Path(path).parent / recorded) if recorded else None
 
 
 def load_exit_classifiers(path: str | Path, model: nn.Module, adapter: str | None = None) -> ExitClassifiers:
