@@ -88,6 +88,7 @@ class ClusterConfig:
     num_actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 0.5  # fractional locally: whole CPUs per actor deadlock Ray on 2 cores
+    memory_per_actor_gb: float = 2.5  # Ray reserves it per actor (SmolLM2's peaks at 1.8 GiB); 0: none
     threads_per_actor: int = 2  # torch threads inside each actor
     batch_size: int = 8
     local_num_cpus: int | None = None  # kind=local: CPUs Ray may use (default: all)
@@ -163,6 +164,8 @@ def validate(cfg: JobConfig) -> None:
         raise ValueError(f"task.max_new_tokens={cfg.task.max_new_tokens} must be >= 1")
     if cfg.cluster.num_actors < 1 or cfg.cluster.batch_size < 1:
         raise ValueError("cluster.num_actors and cluster.batch_size must be >= 1")
+    if cfg.cluster.memory_per_actor_gb < 0:
+        raise ValueError("cluster.memory_per_actor_gb must be >= 0 (0 reserves nothing)")
     if cfg.cluster.cpus_per_actor <= 0 and cfg.cluster.gpus_per_actor <= 0:
         raise ValueError("cluster.cpus_per_actor must be > 0 (fractional is fine, e.g. 0.5)")
     if cfg.cluster.kind == "existing" and not cfg.cluster.address:

@@ -15,6 +15,7 @@ AUSTEN = REPO / "data" / "austen_persuasion.txt.gz"  # held-out English for perp
 ACLSUM = REPO / "data" / "aclsum"  # abstract -> summary JSONL per split, written by write_aclsum_jsonl
 ACLSUM_SPLITS = {"train": "train", "validation": "val", "test": "test"}  # ours -> the package's file names
 ACLSUM_ASPECTS = ("challenge", "approach", "outcome")
+ACLSUM_SECTIONS = ("abstract", "introduction", "conclusion")  # the body text the package ships
 
 
 def read_bible(path: str | Path = BIBLE, start: int = 0, stop: int | None = None) -> list[tuple[str, str]]:
@@ -89,6 +90,48 @@ def write_aclsum_jsonl(split: str, path: str | Path | None = None) -> Path:
     path = Path(path) if path else ACLSUM / f"{split}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = read_aclsum_package(split)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def passages(sentences: list[str], max_words: int) -> list[str]:
+    """Consecutive sentences joined into passages of at most max_words words (a longer sentence stands
+    alone); a short tail joins the passage before it."""
+    chunks: list[list[str]] = [[]]
+    for sentence in sentences:
+        if chunks[-1] and sum(len(s.split()) for s in chunks[-1] + [sentence]) > max_words:
+            chunks.append([])
+        chunks[-1].append(sentence)
+    if len(chunks) > 1 and sum(len(s.split()) for s in chunks[-1]) < max_words // 3:
+        tail = chunks.pop()
+        chunks[-1] += tail
+    return [detokenize(" ".join(c)) for c in chunks if c]
+
+
+def read_aclsum_passages(split: str, max_words: int = 160) -> list[dict]:
+    """Every section of every paper (abstract, introduction, conclusion) cut into passages of at most
+    max_words words: {id, paper, section, title, text}. Unlabeled text for self-distillation, about seven
+    passages per paper where the abstracts alone give one."""
+    rows = []
+    for line in aclsum_package_file(split).read_text(encoding="utf-8").splitlines():
+        paper = json.loads(line)
+        for section in ACLSUM_SECTIONS:
+            for k, text in enumerate(passages(paper["sentences"][section], max_words)):
+                rows.append(
+                    {
+                        "id": f"aclsum-{paper['id']}-{section}-{k}",
+                        "paper": f"aclsum-{paper['id']}",
+                        "section": section,
+                        "title": paper["title"],
+                        "text": text,
+                    }
+                )
+    return rows
+
+
+def write_aclsum_passages_jsonl(split: str, path: str | Path | None = None) -> Path:
+    path = Path(path) if path else ACLSUM / f"{split}_passages.jsonl"
+    rows = read_aclsum_passages(split)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
 

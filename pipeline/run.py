@@ -53,6 +53,26 @@ def start_ray(cfg: JobConfig) -> bool:
     return True
 
 
+def check_pool_fits(cfg: JobConfig) -> None:
+    """Ray waits forever for an actor pool that a local Ray cannot place; say which key asks too much.
+    (An existing cluster may autoscale, so only local Ray is checked.)"""
+    if cfg.cluster.kind != "local":
+        return
+    have = ray.cluster_resources()
+    c = cfg.cluster
+    asked = {
+        "cluster.cpus_per_actor": ("CPU", c.cpus_per_actor, 1),
+        "cluster.gpus_per_actor": ("GPU", c.gpus_per_actor, 1),
+        "cluster.memory_per_actor_gb": ("memory", c.memory_per_actor_gb, 2**30),
+    }
+    for key, (resource, per_actor, unit) in asked.items():
+        if per_actor * c.num_actors * unit > have.get(resource, 0.0):
+            raise ValueError(
+                f"{key}={per_actor} x cluster.num_actors={c.num_actors} needs more {resource} than local Ray "
+                f"has ({have.get(resource, 0.0) / unit:g}); lower one of them"
+            )
+
+
 def check_plan_up_front(cfg: JobConfig) -> None:
     """A plan the model cannot take fails here, before actors load anything (basis=measured is checked
     by the actors, after they measure their device)."""
@@ -80,6 +100,7 @@ def run_job(cfg: JobConfig) -> dict:
     config = asdict(cfg)
     started_ray = start_ray(cfg)
     try:
+        check_pool_fits(cfg)
         ds = sources.read(cfg.data).materialize()  # read once: the checks, the manifest and the work share it
         sources.check_columns(ds, cfg.data, cfg.task)
         input_ids = sources.input_ids(ds, cfg.data)
@@ -137,6 +158,7 @@ def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunD
         ),
         num_cpus=cluster.cpus_per_actor,
         num_gpus=cluster.gpus_per_actor or None,
+        memory=int(cluster.memory_per_actor_gb * 2**30) or None,
         # Ray sets OMP_NUM_THREADS from num_cpus (1 for a fractional actor)
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cluster.threads_per_actor)}},
     )
