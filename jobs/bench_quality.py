@@ -193,6 +193,9 @@ def main(cfg: DictConfig) -> None:
     if results_path.exists():
         rows = {r["name"]: r for r in map(json.loads, results_path.read_text().splitlines())}
     order = {run.name: n for n, run in enumerate(cfg.runs)}
+    unknown = [name for name in cfg.only if name not in order]
+    if unknown:  # e.g. a name with a comma, which a YAML flow mapping splits
+        raise ValueError(f"only={unknown} names no entry of runs; the names are: {list(order)}")
     if cfg.report_only:
         write_report(sorted(rows.values(), key=lambda r: order.get(r["name"], len(order))), out_dir)
         return
