@@ -1,9 +1,10 @@
 """python -m jobs.bench_pipeline: generated tokens/s of the bare engine vs the Ray job (one actor), same
 rows, model, plan and batch size, interleaved. Ends with one JSON line.
 
-job_env compares job variants in the same run: each is environment for the job's Ray, set only while
-that job runs (local Ray starts afresh per job, so its daemons and workers inherit it), e.g.
-'job_env=[{},{RAY_num_workers_soft_limit:"2"}]'."""
+job_env and job_cluster compare job variants in the same run (every pair of the two): job_env entries are
+environment for the job's Ray, set only while that job runs (local Ray starts afresh per job, so its
+daemons and workers inherit it), e.g. 'job_env=[{},{RAY_num_workers_soft_limit:"2"}]'; job_cluster entries
+override cluster/ keys, e.g. 'job_cluster=[{idle_ray_processes:true},{idle_ray_processes:false}]'."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import os
 import statistics
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import hydra
 import pyarrow as pa
@@ -36,6 +38,7 @@ class BenchPipelineConfig(JobConfig):
     rows: int = 1024  # taken from the Bible test range
     repeats: int = 2
     job_env: list[dict[str, str]] = field(default_factory=lambda: [{}])  # job variants (see above)
+    job_cluster: list[dict[str, Any]] = field(default_factory=lambda: [{}])
 
 
 ConfigStore.instance().store(name="bench_pipeline_schema", node=BenchPipelineConfig)
@@ -69,8 +72,9 @@ def environment(env: dict[str, str]):
                 os.environ[k] = v
 
 
-def job_tokens_per_s(cfg: JobConfig, env: dict[str, str]) -> tuple[float, float]:
+def job_tokens_per_s(cfg: JobConfig, env: dict[str, str], cluster: dict[str, Any]) -> tuple[float, float]:
     """(whole run, batches only) generated tokens/s of one job run."""
+    cfg = replace(cfg, cluster=replace(cfg.cluster, **cluster))
     with environment(env):
         summary = run_job(cfg)
     stats = pa.concat_tables(pq.read_table(p) for p in Path(cfg.output.dir, "stats").glob("*.parquet"))
@@ -92,18 +96,20 @@ def main(dcfg: DictConfig) -> None:
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
     engine = Engine(model, tokenizer)
     texts = [en for en, _ in pairs]
-    variants = [dict(env) for env in bench.job_env]
-    bare, jobs = [], [{"env": env, "whole": [], "batches": []} for env in variants]
+    variants = [(dict(env), dict(cluster)) for env in bench.job_env for cluster in bench.job_cluster]
+    bare = []
+    jobs = [{"env": env, "cluster": cluster, "whole": [], "batches": []} for env, cluster in variants]
     sides = ["bare", *range(len(jobs))]
     for rep in range(dcfg.repeats):
         for side in sides if rep % 2 == 0 else sides[::-1]:
             if side == "bare":
                 bare.append(bare_engine_tokens_per_s(engine, cfg, texts))
             else:
-                whole, batches = job_tokens_per_s(cfg, jobs[side]["env"])
+                whole, batches = job_tokens_per_s(cfg, jobs[side]["env"], jobs[side]["cluster"])
                 jobs[side]["whole"].append(whole)
                 jobs[side]["batches"].append(batches)
-            log.info("repeat %d %s done", rep + 1, side if side == "bare" else f"job {jobs[side]['env']}")
+            name = "bare" if side == "bare" else f"job {jobs[side]['env']} {jobs[side]['cluster']}"
+            log.info("repeat %d %s done", rep + 1, name)
     bare_median = statistics.median(bare)
     for job in jobs:
         job["tokens_per_s"] = statistics.median(job["whole"])
@@ -129,6 +135,7 @@ def main(dcfg: DictConfig) -> None:
     for job in jobs:
         print(
             f"bare engine {bare_median:.1f} tok/s | Ray job {json.dumps(job['env'])} "
+            f"{json.dumps(job['cluster'])} "
             f"{job['tokens_per_s']:.1f} tok/s ({job['vs_bare']:.2f}x, actor start and model load included) | "
             f"its batches {job['batch_tokens_per_s']:.1f} tok/s ({job['batches_vs_bare']:.2f}x)"
         )
