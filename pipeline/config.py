@@ -92,8 +92,6 @@ class ClusterConfig:
     threads_per_actor: int = 2  # torch threads inside each actor
     batch_size: int = 8
     local_num_cpus: int | None = None  # kind=local: CPUs Ray may use (default: all)
-    # kind=local, Linux: Ray's own processes and the driver run under SCHED_IDLE (pipeline.priority)
-    idle_ray_processes: bool = True
     max_batch_retries: int = 1
 
 

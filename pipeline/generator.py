@@ -23,7 +23,6 @@ import ray
 import torch
 
 from pipeline.config import JobConfig, SkipConfig
-from pipeline.priority import compute_thread_normal
 from pipeline.prompts import PromptBuilder
 from pipeline.sources import ID
 from skipengine import (
@@ -203,8 +202,6 @@ def build_adaptive_plan(skip: SkipConfig, engine: Engine, calibration: list[list
 
 class Generator:
     def __init__(self, cfg: JobConfig, outputs_dir: str, calibration_texts: list[str] | None = None):
-        if cfg.cluster.kind == "local" and cfg.cluster.idle_ray_processes:
-            compute_thread_normal()  # before torch starts its threads, which inherit the policy
         torch.set_num_threads(cfg.cluster.threads_per_actor)
         self.cfg = cfg
         self.outputs_dir = Path(outputs_dir)

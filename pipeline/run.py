@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from transformers import AutoConfig
 from pipeline import sources
 from pipeline.config import JobConfig, resolve_adapter, validate
 from pipeline.generator import Generator
-from pipeline.priority import descendants, driver_yields, yield_processes
 from pipeline.progress import Progress
 from pipeline.rundir import RunDir
 from skipengine import load
@@ -43,8 +41,6 @@ def start_ray(cfg: JobConfig) -> bool:
         # and on a small machine every wakeup preempts one of the actor's compute threads
         os.environ.setdefault("RAY_num_workers_soft_limit", "0")
         ray.init(num_cpus=cfg.cluster.local_num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-        if cfg.cluster.idle_ray_processes:  # GCS, raylet and (inherited) every worker they start
-            yield_processes(descendants(os.getpid()))
     else:
         import pipeline
         import skipengine
@@ -168,14 +164,11 @@ def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunD
     )
     progress = Progress(pending, cfg.output.progress_every_s)
     stats_rows = []
-    # locally the driver's streaming executor yields the cores to the actors too (pipeline.priority)
-    yielding = driver_yields() if cluster.kind == "local" and cluster.idle_ray_processes else nullcontext()
     try:
-        with yielding:
-            for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
-                for row in batch.to_pylist():
-                    stats_rows.append(row)
-                    progress.update(row["rows"], row["tokens_out"])
+        for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                stats_rows.append(row)
+                progress.update(row["rows"], row["tokens_out"])
     finally:
         progress.close()
         if stats_rows:  # what finished is recorded even when the run is interrupted
