@@ -4,7 +4,7 @@ rows, model, plan and batch size, interleaved. Ends with one JSON line.
 job_env and job_cluster compare job variants in the same run (every pair of the two): job_env entries are
 environment for the job's Ray, set only while that job runs (local Ray starts afresh per job, so its
 daemons and workers inherit it), e.g. 'job_env=[{},{RAY_num_workers_soft_limit:"2"}]'; job_cluster entries
-override cluster/ keys, e.g. 'job_cluster=[{idle_ray_processes:true},{idle_ray_processes:false}]'."""
+override cluster/ keys, e.g. 'job_cluster=[{threads_per_actor:1},{threads_per_actor:2}]'."""
 
 from __future__ import annotations
 

@@ -120,13 +120,14 @@ class LlamaFamilyAdapter:
         (an exit state), as one batched product: the RMS normalization is shared, only the norm weights
         and the K/V projections differ per layer. ropes: per layer type, cos and sin [N, D]."""
         norms, weights, biases = self._kv_stack()
-        idx = torch.tensor(list(layers), device=hidden.device)
+        # the deeper layers are a contiguous run: slicing the stacks is a view, indexing would copy weights
+        idx = slice(layers.start, layers.stop) if layers.step == 1 else torch.tensor(list(layers))
         x = F.rms_norm(hidden, hidden.shape[-1:], eps=self.layers[0].input_layernorm.variance_epsilon)
         x = x[None] * norms[idx][:, None]  # [J, N, hidden]
         kv = torch.bmm(x, weights[idx].transpose(1, 2))  # [J, N, 2 KV D]
         if biases is not None:
             kv = kv + biases[idx][:, None]
-        k, v = kv.view(len(idx), hidden.shape[0], 2 * self.num_kv_heads, self.head_dim).chunk(2, dim=2)
+        k, v = kv.view(len(layers), hidden.shape[0], 2 * self.num_kv_heads, self.head_dim).chunk(2, dim=2)
         cos, sin = ropes[self.layer_types[0]]  # one rotary table for the whole Llama family
         return rotate(k, cos[None], sin[None]), v
 

@@ -10,8 +10,9 @@ one layer after another: kv_fill="propagate" runs it that way so the two can be 
 is the reference: exited tokens keep running every layer for their K and V (no saving), only their
 prediction is taken at the exit.
 
-Work falls as tokens exit: once some token of the batch has left, a layer runs its projections and MLP
-on the gathered still-active tokens only; attention still sees every cached key.
+Work falls as tokens exit: once some token of the batch has left, a prefill layer runs its projections
+and MLP on the gathered still-active tokens only (attention still sees every cached key); a decode step
+ends when its last token has left.
 """
 
 from __future__ import annotations
@@ -149,10 +150,8 @@ def fill_deeper_kv(engine, plan: AdaptivePlan, layer: int, hidden, rows, cols, r
             _, k, v = ad.qkv(i, ad.attention_input(i, hidden[None]), one)  # [1, KV, N, hd]
             keys.append(k[0].transpose(0, 1))
             values.append(v[0].transpose(0, 1))
-    for j, i in enumerate(deeper):
-        slot = cache.slot[i]
-        cache.keys[slot][rows, :, start + cols] = keys[j]
-        cache.values[slot][rows, :, start + cols] = values[j]
+        keys, values = torch.stack(keys), torch.stack(values)
+    cache.write_many(deeper, rows, start + cols, keys, values)
 
 
 def sparse_layer(engine, i: int, hidden, rows, cols, ropes, masks, start, cache) -> None:
@@ -182,34 +181,44 @@ def sparse_layer(engine, i: int, hidden, rows, cols, ropes, masks, start, cache)
 
 def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePlan, cache):
     """hidden [B, T, D] at cache columns [start, start+T) -> (exit hidden states [B, T, D], layers run
-    per token [B, T], the K/V fill not counted). Every token decides at every exit point until it leaves."""
+    per token [B, T], the K/V fill not counted). Every token decides at every exit point until it leaves.
+
+    Once some tokens have left, a prefill layer gathers the others (compute-bound: the work falls with
+    them), while a decode layer runs every row and keeps the result for the active ones only: a decode
+    step reads each layer's weights whatever its row count, so gathering would add ops and save nothing;
+    such a step costs what its deepest token costs. Token counts stay on the host: no sync per layer."""
     ad = engine.adapter
     batch, seq, _ = hidden.shape
     ropes, masks = engine.layer_inputs(hidden, positions, pad, start, range(ad.num_layers))
     deciding = torch.ones(batch, seq, dtype=torch.bool, device=hidden.device)
     computing = deciding.clone()  # differs from deciding only for kv_fill="exact"
-    depth = torch.zeros(batch, seq, dtype=torch.long, device=hidden.device)
+    depth = torch.full((batch, seq), ad.num_layers, dtype=torch.long, device=hidden.device)
+    n_deciding = n_computing = batch * seq
     out = torch.empty_like(hidden)
     exits = set(plan.exit_layers)
     for i in range(ad.num_layers):
-        if bool(computing.all()):
+        if n_computing == 0:
+            break
+        if n_computing == batch * seq:
             hidden = engine.layer(i, hidden, ropes, masks, start, cache)
+        elif seq == 1:
+            hidden = engine.layer(i, hidden, ropes, masks, start, cache, keep=computing)
         else:
             rows, cols = computing.nonzero(as_tuple=True)
-            if rows.numel() == 0:
-                break
             sparse_layer(engine, i, hidden, rows, cols, ropes, masks, start, cache)
-        depth += computing
-        if i in exits and bool(deciding.any()):
+        if i in exits and n_deciding:
             rows, cols = deciding.nonzero(as_tuple=True)
             leave = leaving(engine, plan, i, hidden[rows, cols])
             rows, cols = rows[leave], cols[leave]
             if rows.numel():
                 out[rows, cols] = hidden[rows, cols]
                 deciding[rows, cols] = False
+                n_deciding -= rows.numel()
                 if plan.kv_fill != "exact":
                     fill_deeper_kv(engine, plan, i, hidden[rows, cols], rows, cols, ropes, start, cache)
                     computing[rows, cols] = False
+                    n_computing -= rows.numel()
+                    depth[rows, cols] = i + 1
     out[deciding] = hidden[deciding]
     return out, depth
 

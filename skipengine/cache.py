@@ -1,8 +1,9 @@
 """A static, preallocated KV cache (gpt-fast style) that holds slots only for the layers that decode.
 
-One K and one V buffer per owning layer, [batch, kv_heads, max_len, head_dim]. Skipped layers own no
-slot: with prefill "full" their prompt KV is computed, attended to within the prompt, and dropped, since
-no decode step reads it.
+One K and one V buffer per owning layer, [batch, kv_heads, max_len, head_dim], all views of one stacked
+buffer per kind, so that a write to many layers (an adaptive exit's K/V fill) or a compaction is one op.
+Skipped layers own no slot: with prefill "full" their prompt KV is computed, attended to within the
+prompt, and dropped, since no decode step reads it.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ class StaticKVCache:
     ):
         shape = (batch_size, num_kv_heads, max_len, head_dim)
         self.slot = {layer: n for n, layer in enumerate(layers)}
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self._stacked = [torch.zeros((len(self.slot), *shape), dtype=dtype, device=device) for _ in "kv"]
+        self.keys, self.values = (list(buf.unbind(0)) for buf in self._stacked)  # [slot] views
         self.max_len = max_len
         self.rows = batch_size  # rows [0, rows) are live; compact() moves survivors to the front
 
@@ -44,13 +45,20 @@ class StaticKVCache:
         values[:, :, start:end] = v
         return keys[:, :, :end], values[:, :, :end]
 
+    def write_many(
+        self, layers: Sequence[int], rows: torch.Tensor, cols: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """k, v [J, N, kv_heads, D] of `layers` for the N tokens at (rows, cols) [N]: one write per kind."""
+        slots = torch.tensor([self.slot[layer] for layer in layers], device=rows.device)[:, None]
+        self._stacked[0][slots, rows[None], :, cols[None]] = k
+        self._stacked[1][slots, rows[None], :, cols[None]] = v
+
     def compact(self, survivors: torch.Tensor, length: int) -> None:
         """Keep rows `survivors` (indices into the live rows), moved to the front; columns [0, length)."""
-        for buffers in (self.keys, self.values):
-            for buf in buffers:
-                buf[: len(survivors), :, :length] = buf[survivors, :, :length]
+        for buf in self._stacked:
+            buf[:, : len(survivors), :, :length] = buf[:, survivors, :, :length]
         self.rows = len(survivors)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(t.numel() * t.element_size() for t in self._stacked)

@@ -256,19 +256,32 @@ class Engine:
         return ad.rope(hidden, positions), masks
 
     def layer(
-        self, i: int, hidden: torch.Tensor, ropes: dict, masks: dict, start: int, cache: StaticKVCache
+        self,
+        i: int,
+        hidden: torch.Tensor,
+        ropes: dict,
+        masks: dict,
+        start: int,
+        cache: StaticKVCache,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Decoder layer i on hidden [B, T, D]."""
+        """Decoder layer i on hidden [B, T, D]. With keep [B, T] (adaptive exits), only the kept tokens
+        change: the others keep their hidden state and the K/V already in the cache."""
         ad = self.adapter
         batch, seq, _ = hidden.shape
         x = ad.attention_input(i, hidden)
         q, k, v = ad.qkv(i, x, ropes)  # [B, H, T, D], [B, KV, T, D] x2
+        if keep is not None:
+            slot, kept = cache.slot[i], keep[:, None, :, None]
+            k = torch.where(kept, k, cache.keys[slot][:batch, :, start : start + seq])
+            v = torch.where(kept, v, cache.values[slot][:batch, :, start : start + seq])
         if cache.owns(i):
             k, v = cache.update(i, start, k, v)  # [B, KV, start+T, D]
         mask = masks[ad.layer_types[i]]
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ad.scale, enable_gqa=True)
-        hidden = ad.attention_residual(i, hidden, attn.transpose(1, 2).reshape(batch, seq, -1))
-        return ad.mlp_residual(i, hidden)
+        out = ad.attention_residual(i, hidden, attn.transpose(1, 2).reshape(batch, seq, -1))
+        out = ad.mlp_residual(i, out)
+        return out if keep is None else torch.where(keep[..., None], out, hidden)
 
     def _forward(
         self, hidden, positions, pad, start, plan, phase: str, cache, depth_sum: list
