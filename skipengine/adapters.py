@@ -116,12 +116,13 @@ class LlamaFamilyAdapter:
     def decoupled_kv(
         self, layers: range, hidden: torch.Tensor, ropes: dict[str, tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V [J, N, KV, D] of `layers` for tokens whose input to all of them is hidden [N, hidden]
-        (an exit state), as one batched product: the RMS normalization is shared, only the norm weights
-        and the K/V projections differ per layer. ropes: per layer type, cos and sin [N, D]."""
+        """K and V [J, N, KV, D] of `layers` (a contiguous range) for tokens whose input to all of them is
+        hidden [N, hidden] (an exit state), as one batched product: the RMS normalization is shared, only
+        the norm weights and the K/V projections differ per layer. ropes: per layer type, cos and sin
+        [N, D]."""
         norms, weights, biases = self._kv_stack()
         # the deeper layers are a contiguous run: slicing the stacks is a view, indexing would copy weights
-        idx = slice(layers.start, layers.stop) if layers.step == 1 else torch.tensor(list(layers))
+        idx = slice(layers.start, layers.stop)
         x = F.rms_norm(hidden, hidden.shape[-1:], eps=self.layers[0].input_layernorm.variance_epsilon)
         x = x[None] * norms[idx][:, None]  # [J, N, hidden]
         kv = torch.bmm(x, weights[idx].transpose(1, 2))  # [J, N, 2 KV D]
