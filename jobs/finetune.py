@@ -9,6 +9,9 @@ corpus=run     a finished jobs.generate run (run_dir=...): its prompts -> its ge
 
 strategy=adaptive trains for skip=adaptive: every token, prompt or response, exits at a random exit point
 often enough that the mean depth meets each target, deeper layers see its exit state (the decoupled K/V).
+
+init_adapter=PATH starts from an adapter of the same model, e.g. skip adapters from the full-depth
+baseline fine-tuned on the same data (targets=[1.0]), the paper's setup for translation.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def main(cfg: DictConfig) -> None:
         lr=cfg.lr,
         rank=cfg.rank,
         alpha=cfg.alpha,
+        init_adapter=cfg.init_adapter,
     )
     path = train(model, examples, plans, config, cfg.out_dir, tokenizer.pad_token_id)
     print(f"adapter: {path}")

@@ -26,12 +26,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from skipengine.adaptive import AdaptivePlan
 from skipengine.depth import token_depth, training_runs
-from skipengine.lora import FORMAT, FULL_FORMAT, base_model, fingerprint, plan_key
+from skipengine.lora import (
+    FORMAT,
+    FULL_FORMAT,
+    adapter_id,
+    base_model,
+    check_base,
+    fingerprint,
+    merge_adapter,
+    plan_key,
+)
 from skipengine.plan import SkipPlan
 
 log = logging.getLogger(__name__)
@@ -134,6 +143,29 @@ def make_trainable(model: nn.Module, method: str, rank: int, alpha: int) -> nn.M
     return model
 
 
+def start_from_adapter(model: nn.Module, path: str | Path) -> None:
+    """Training starts from an adapter of this base model instead of from scratch (e.g. skip adapters
+    from the full-depth baseline fine-tuned on the same data, the paper's setup): a LoRA run takes over
+    its LoRA weights, full fine-tuning merges it into the weights. The distillation teacher stays the
+    base model."""
+    meta = check_base(model, path, key="finetune.init_adapter")
+    lora = getattr(model, "peft_config", {}).get("default")
+    if lora is None:
+        merge_adapter(base_model(model), path, meta)
+        return
+    if meta["format"] != FORMAT:
+        raise ValueError(
+            f"finetune.init_adapter={str(path)!r} holds full fine-tuned weights; a LoRA run starts only "
+            "from a LoRA adapter (use method=full, or a LoRA file)"
+        )
+    if (int(meta["rank"]), int(meta["alpha"])) != (lora.r, lora.lora_alpha):
+        raise ValueError(
+            f"finetune.init_adapter={str(path)!r} has rank={meta['rank']} alpha={meta['alpha']}; "
+            f"set finetune rank and alpha to those (now {lora.r}, {lora.lora_alpha})"
+        )
+    set_peft_model_state_dict(model, load_file(str(path)))
+
+
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What training changed: the LoRA weights (peft's keys), or every trainable weight."""
     if hasattr(model, "peft_config"):
@@ -188,6 +220,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 50
     seed: int = 0
+    init_adapter: str | None = None  # start from this adapter's weights (start_from_adapter)
 
 
 def batches(examples: Sequence[Example], size: int, seed: int) -> Iterator[list[Example]]:
@@ -220,6 +253,10 @@ def train(
     # full fine-tuning distills from a frozen copy of the base model; LoRA switches itself off instead
     teacher = copy.deepcopy(model).eval() if config.method == "full" and config.loss == "distill" else None
     model = make_trainable(model, config.method, config.rank, config.alpha)
+    info = {"loss": config.loss, "method": config.method}
+    if config.init_adapter:
+        start_from_adapter(model, config.init_adapter)
+        info["init_adapter"] = f"{Path(config.init_adapter).name}@{adapter_id(config.init_adapter)}"
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -275,7 +312,7 @@ def train(
             )
             tick, window = time.perf_counter(), []
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-            save_adapter(model, adapter_path, plans, loss=config.loss, method=config.method, steps=step + 1)
+            save_adapter(model, adapter_path, plans, **info, steps=step + 1)
             torch.save(
                 {
                     "adapter": trained_state(model),

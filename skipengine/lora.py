@@ -72,26 +72,35 @@ def adapter_plans(path: str | Path) -> list[tuple[str, tuple[int, ...]]]:
     return plans
 
 
-def load_adapter(model: nn.Module, path: str | Path, plan: SkipPlan) -> nn.Module:
-    """The model with the adapter merged into its weights; refuses another base model or plan."""
+def check_base(model: nn.Module, path: str | Path, key: str = "skip.adapter") -> dict:
+    """The adapter's metadata, after checking it was trained on this base model."""
     meta = adapter_metadata(path)
     if meta["base_fingerprint"] != fingerprint(model):
         raise ValueError(
-            f"skip.adapter={str(path)!r} was trained on a different base model; train one for this model"
+            f"{key}={str(path)!r} was trained on a different base model; train one for this model"
         )
+    return meta
+
+
+def load_adapter(model: nn.Module, path: str | Path, plan: SkipPlan) -> nn.Module:
+    """The model with the adapter merged into its weights; refuses another base model or plan."""
+    meta = check_base(model, path)
     plans = json.loads(meta["plans"])
     if plan_key(plan) not in plans:
         raise ValueError(
             f"skip.adapter={str(path)!r} was trained for plans {plans}, not for {plan_key(plan)} ({plan}); "
             "use the adapter of this target speedup, or train one"
         )
+    return merge_adapter(model, path, meta)
+
+
+def merge_adapter(model: nn.Module, path: str | Path, meta: dict) -> nn.Module:
+    """Merges W += s·B·A (a LoRA file) or copies the weights in (a full one); checks nothing."""
     state = load_file(str(path))
     if meta["format"] == FULL_FORMAT:
         unknown = set(state) - set(model.state_dict())
         if unknown:
-            raise ValueError(
-                f"skip.adapter={str(path)!r} has weights this model lacks: {sorted(unknown)[:3]}"
-            )
+            raise ValueError(f"{str(path)!r} has weights this model lacks: {sorted(unknown)[:3]}")
         model.load_state_dict(state, strict=False)  # copies into the existing tensors' device and dtype
         return model
     scale = int(meta["alpha"]) / int(meta["rank"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_llama
-from peft import set_peft_model_state_dict
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from skipengine import Engine, full_plan, make_plan
@@ -21,6 +21,7 @@ from skipengine.finetune import (
     distill_loss,
     response_logits,
     save_adapter,
+    start_from_adapter,
     train,
     uls_loss,
 )
@@ -100,6 +101,40 @@ def test_adapter_round_trip_and_refusals(tmp_path, tokenizer, examples):
         for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     ]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_a_skip_adapter_starts_from_the_full_depth_baseline(tmp_path, tokenizer, examples):
+    base = build_llama(tokenizer)
+    config = TrainConfig(steps=2, batch_size=2, save_every=2, log_every=2, lr=1e-2, warmup_steps=1)
+    pad = tokenizer.pad_token_id
+    baseline = train(copy.deepcopy(base), examples, [full_plan(8)], config, tmp_path / "base", pad)
+    baseline_state = load_file(str(baseline))
+
+    model = add_lora(copy.deepcopy(base), config.rank, config.alpha)
+    start_from_adapter(model, baseline)
+    started = get_peft_model_state_dict(model)
+    assert started.keys() == baseline_state.keys()
+    for key, weight in baseline_state.items():
+        torch.testing.assert_close(started[key], weight)
+
+    # one tiny step from the baseline stays at the baseline; the same step from scratch does not
+    tiny = replace(config, steps=1, save_every=1, log_every=1, lr=1e-7, init_adapter=str(baseline))
+    skip = train(copy.deepcopy(base), examples, [PLAN], tiny, tmp_path / "skip", pad)
+    scratch = train(
+        copy.deepcopy(base), examples, [PLAN], replace(tiny, init_adapter=None), tmp_path / "scratch", pad
+    )
+    for key, weight in baseline_state.items():
+        torch.testing.assert_close(load_file(str(skip))[key], weight, atol=1e-5, rtol=0)
+    assert any(
+        not torch.allclose(load_file(str(scratch))[k], w, atol=1e-3) for k, w in baseline_state.items()
+    )
+    assert baseline.name in adapter_metadata(skip)["info"]
+    load_adapter(copy.deepcopy(base), skip, PLAN)  # a plain skip adapter of the base model
+
+    with pytest.raises(ValueError, match="rank=16 alpha=32; set finetune rank and alpha"):
+        start_from_adapter(add_lora(copy.deepcopy(base), rank=4, alpha=8), baseline)
+    with pytest.raises(ValueError, match="init_adapter=.* different base model"):
+        start_from_adapter(add_lora(build_llama(tokenizer, seed=1)), baseline)
 
 
 def test_one_adapter_for_a_range_of_plans(tmp_path, tokenizer, examples):
