@@ -86,10 +86,11 @@ def build_plan(
             seed=skip.seed,
         )
 
-    if skip.strategy == "none" or not skip.adapter:
+    if not skip.adapter or (skip.strategy == "none" and skip.adapter == "auto"):
         return plain(), costs, None
-    if skip.basis == "layers" and skip.adapter != "auto":
-        return plain(), costs, skip.adapter  # load_adapter refuses it if it was trained for another plan
+    if skip.strategy == "none" or (skip.basis == "layers" and skip.adapter != "auto"):
+        # e.g. a full-depth baseline adapter; load_adapter refuses one trained for another plan
+        return plain(), costs, skip.adapter
     candidates = list(shipped) if skip.adapter == "auto" else [skip.adapter]
     cost = costs[0] if skip.basis == "measured" else None
     chosen = choose_adapter_plan(candidates, skip, engine.num_layers, cost, None if cost else plain())

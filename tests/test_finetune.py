@@ -244,3 +244,20 @@ def test_auto_picks_the_adapter_with_fewest_plans_then_the_deepest_plan(tmp_path
     assert build_plan(replace(layers, target_speedup=8 / 3), engine, 2, shipped)[2] == shipped[2]
     plan, _, none = build_plan(replace(layers, target_speedup=8 / 7), engine, 2, shipped)
     assert none is None and plan.num_kept == 7  # auto with no adapter for the plan runs without one
+
+
+def test_skip_none_loads_an_explicit_full_depth_adapter_and_refuses_a_skip_one(tmp_path, tokenizer):
+    from pipeline.config import SkipConfig
+    from pipeline.generator import build_plan
+    from skipengine import Engine
+
+    model = add_lora(build_llama(tokenizer), rank=4, alpha=8)
+    baseline = str(save_adapter(model, tmp_path / "baseline", [full_plan(8)]))
+    engine = Engine(build_llama(tokenizer), tokenizer)
+    none = SkipConfig(strategy="none", adapter=baseline, measure_achieved=False)
+    plan, _, adapter = build_plan(none, engine, 2, [])
+    assert adapter == baseline and plan.num_kept == 8
+    load_adapter(build_llama(tokenizer), adapter, plan)
+    assert build_plan(replace(none, adapter="auto"), engine, 2, [baseline])[2] is None  # auto: no adapter
+    with pytest.raises(ValueError, match="was trained for plans"):
+        load_adapter(build_llama(tokenizer), str(save_adapter(model, tmp_path / "x2", [PLAN])), plan)
