@@ -163,7 +163,11 @@ def start_from_adapter(model: nn.Module, path: str | Path) -> None:
             f"finetune.init_adapter={str(path)!r} has rank={meta['rank']} alpha={meta['alpha']}; "
             f"set finetune rank and alpha to those (now {lora.r}, {lora.lora_alpha})"
         )
-    set_peft_model_state_dict(model, load_file(str(path)))
+    unused = set_peft_model_state_dict(model, load_file(str(path))).unexpected_keys
+    if unused:  # peft loads non-strictly: weights for modules this run does not adapt would be dropped
+        raise ValueError(
+            f"finetune.init_adapter={str(path)!r} adapts modules this run does not: {sorted(unused)[:3]}"
+        )
 
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
