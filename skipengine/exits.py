@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from skipengine.adaptive import ExitClassifiers
+from skipengine.control import layers_cost
 from skipengine.lora import adapter_id, base_model, fingerprint
 
 log = logging.getLogger(__name__)
@@ -52,19 +53,16 @@ def exit_traces(
 
 
 def train_exit_classifiers(
-    model: nn.Module,
-    token_windows: Sequence[Sequence[int]],
-    exit_layers: Sequence[int],
+    traces: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    hidden_size: int,
     steps: int = 300,
     lr: float = 3e-3,
     width: int = 64,
     seed: int = 0,
 ) -> tuple[ExitClassifiers, dict]:
-    """(classifiers, per-exit-layer stats: positive rate and training accuracy)."""
+    """(classifiers, per-exit-layer stats: positive rate and training accuracy) from exit_traces."""
     torch.manual_seed(seed)
-    traces = exit_traces(model, token_windows, exit_layers)
-    hidden_size = base_model(model).config.hidden_size
-    classifiers = ExitClassifiers(hidden_size, tuple(exit_layers), width)
+    classifiers = ExitClassifiers(hidden_size, tuple(traces), width)
     optimizer = torch.optim.Adam(classifiers.parameters(), lr=lr)
     for step in range(steps):
         loss = sum(
@@ -86,6 +84,13 @@ def train_exit_classifiers(
             for e, (x, y) in traces.items()
         }
     return classifiers, stats
+
+
+def oracle_speedup(traces: dict[int, tuple[torch.Tensor, torch.Tensor]], num_layers: int, kv: float) -> float:
+    """The most any exit rule reaches on these traces without changing a prediction: every token leaves
+    at its first exit point whose prediction is already final (K/V fills priced at kv layers each)."""
+    labels = torch.stack([y for _, y in traces.values()])  # [E, N]
+    return num_layers / layers_cost(labels, tuple(traces), num_layers, 1.0, kv)
 
 
 def save_exit_classifiers(

@@ -10,7 +10,13 @@ from skipengine import Engine, SamplingParams, full_plan
 from skipengine.adaptive import AdaptivePlan, ExitClassifiers, adaptive_layers, exit_layers_for
 from skipengine.cache import StaticKVCache
 from skipengine.depth import exit_runs, sample_exit_depths, token_depth
-from skipengine.exits import load_exit_classifiers, save_exit_classifiers, train_exit_classifiers
+from skipengine.exits import (
+    exit_traces,
+    load_exit_classifiers,
+    oracle_speedup,
+    save_exit_classifiers,
+    train_exit_classifiers,
+)
 
 NEW = 12
 L = 8
@@ -108,8 +114,10 @@ def test_batch_invariance(engine, prompts, criterion, threshold):
 def test_exit_classifiers_train_save_load_and_refuse_another_model(tmp_path, llama, tokenizer):
     windows = [[(7 * i + 3 * j) % 200 + 5 for j in range(24)] for i in range(16)]
     exits = exit_layers_for(L, 2, 2)
-    classifiers, stats = train_exit_classifiers(llama, windows, exits, steps=60)
+    traces = exit_traces(llama, windows, exits)
+    classifiers, stats = train_exit_classifiers(traces, llama.config.hidden_size, steps=60)
     assert set(stats) == set(exits) and all(0 <= s["accuracy"] <= 1 for s in stats.values())
+    assert 1.0 <= oracle_speedup(traces, L, 0.0) <= L / (exits[0] + 1)
     # the last exit point agrees with the final prediction more often than the first
     assert stats[exits[-1]]["already_final"] >= stats[exits[0]]["already_final"]
     path = save_exit_classifiers(classifiers, tmp_path / "exits.safetensors", llama)
@@ -122,6 +130,15 @@ def test_exit_classifiers_train_save_load_and_refuse_another_model(tmp_path, lla
         load_exit_classifiers(path, other)
 
 
+def test_the_oracle_leaves_each_token_at_its_first_settled_exit_point():
+    # exit points after layers 1 and 3 of 8; tokens settle after layer 1, after layer 3, never
+    labels = {1: torch.tensor([1.0, 0.0, 0.0]), 3: torch.tensor([0.0, 1.0, 0.0])}
+    traces = {e: (torch.zeros(3, 4), y) for e, y in labels.items()}
+    assert oracle_speedup(traces, 8, 0.0) == pytest.approx(8 / ((2 + 4 + 8) / 3))
+    # each exited token also fills the K/V of the layers it skipped: 6 and 4 layers at 0.1 each
+    assert oracle_speedup(traces, 8, 0.1) == pytest.approx(8 / ((2.6 + 4.4 + 8) / 3))
+
+
 def test_adaptive_job_calibrates_and_holds_the_target(tmp_path, tiny_model_dir, tokenizer):
     import pyarrow.parquet as pq
     from pipeline_helpers import corpus_rows, job, write_jsonl
@@ -131,7 +148,8 @@ def test_adaptive_job_calibrates_and_holds_the_target(tmp_path, tiny_model_dir, 
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     windows = [tokenizer(r["text"] * 3)["input_ids"][:24] for r in corpus_rows(16)]
-    classifiers, _ = train_exit_classifiers(model, windows, exit_layers_for(L, 1, 2), steps=60)
+    traces = exit_traces(model, windows, exit_layers_for(L, 1, 2))
+    classifiers, _ = train_exit_classifiers(traces, model.config.hidden_size, steps=60)
     exits = save_exit_classifiers(classifiers, tmp_path / "exits.safetensors", model)
     data = write_jsonl(tmp_path / "c.jsonl", corpus_rows(16))
     cfg = job(
@@ -301,7 +319,8 @@ def test_an_exit_aware_adapter_trains_and_its_classifiers_bring_it_into_the_job(
         load_adapter(copy.deepcopy(base), adapter, make_plan(L, "uniform", 1.5))
 
     merged = load_adapter(copy.deepcopy(base), adapter, exit_plan)
-    classifiers, _ = train_exit_classifiers(merged, [ids[:20] for ids in texts], exits, steps=20)
+    traces = exit_traces(merged, [ids[:20] for ids in texts], exits)
+    classifiers, _ = train_exit_classifiers(traces, merged.config.hidden_size, steps=20)
     path = save_exit_classifiers(classifiers, tmp_path / "exits.safetensors", merged, str(adapter))
     with pytest.raises(ValueError, match="with adapter"):
         load_exit_classifiers(path, base)  # the base model's hidden states are not what they learned
