@@ -3,10 +3,11 @@
 On full-depth traces of a finished run's text (prompt + output, 128-token windows), every token has a
 prediction at each exit point. The oracle exits each token at the first exit point whose prediction
 already equals the full model's: no prediction changes, and its speedup is the most any exit rule can
-reach without changing one. The classifiers exit at the first point whose probability reaches the
-threshold that meets each target on these same traces (so they are seen at their best). For each, the
-share of tokens whose prediction differs from the base full model's (all traces are idealized: every
-earlier token ran at full depth).
+reach without changing one; past it, the oracle forces out the tokens that change the fewest
+predictions. Each criterion (the exit classifiers, CALM's LM-head confidence and its state saturation)
+exits at the first point whose score reaches the threshold that meets each target on these same traces
+(so each is seen at its best). Reported for each: the share of tokens whose prediction differs from the
+base full model's. All traces are idealized: every earlier token ran at full depth.
 
 python scripts/exit_oracle.py RUN_DIR CLASSIFIERS [ADAPTER]
   e.g. runs/teacher/aclsum-validation-full adapters/smollm2-summarize-adaptive-x1.25-exits.safetensors \
