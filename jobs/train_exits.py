@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> None:
     traces = exit_traces(model, chunks, exits)
     config = model.config
     classifiers, stats = train_exit_classifiers(traces, config.hidden_size, cfg.steps, cfg.lr, cfg.width)
-    ceiling = oracle_speedup(traces, config.num_hidden_layers, kv_fraction(adapter_for(model)))
+    ceiling = oracle_speedup(traces, config.num_hidden_layers, kv_fraction(adapter_for(model, pack=False)))
     save_exit_classifiers(
         classifiers, cfg.out, model, cfg.adapter, run_dir=str(cfg.run_dir), windows=len(chunks)
     )

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from jobs.common import run_pairs
-from skipengine import Engine, load_model
+from skipengine import load_model
+from skipengine.adapters import adapter_for
 from skipengine.adaptive import AdaptivePlan
 from skipengine.control import kv_fraction, layer_speedup, threshold_for_target
 from skipengine.exits import exit_metadata, load_exit_classifiers
@@ -95,7 +96,7 @@ def main(run_dir: str, classifiers_path: str, adapter: str | None) -> None:
     chunks = windows(stream, 128, len(stream) // 128)
     exit_layers = tuple(json.loads(exit_metadata(classifiers_path)["exit_layers"]))
     num_layers = model.config.num_hidden_layers
-    kv = kv_fraction(Engine(model, tokenizer).adapter)
+    kv = kv_fraction(adapter_for(model, pack=False))
     base_finals = traces(model, chunks, exit_layers)[1]
     if adapter:
         model = load_adapter(model, adapter, AdaptivePlan(num_layers, exit_layers))

@@ -238,12 +238,13 @@ class Gemma3Adapter(LlamaFamilyAdapter):
 ADAPTERS = (LlamaFamilyAdapter, Gemma3Adapter)
 
 
-def adapter_for(model: nn.Module) -> LlamaFamilyAdapter:
-    """The adapter for this model's architecture; UnsupportedArchitecture when there is none."""
+def adapter_for(model: nn.Module, pack: bool = True) -> LlamaFamilyAdapter:
+    """The adapter for this model's architecture; UnsupportedArchitecture when there is none. pack=False
+    skips prepacking the weights (for callers that only read the architecture, not run it)."""
     model_type = getattr(model.config, "model_type", None)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
-            return adapter(model)
+            return adapter(model, pack)
     raise UnsupportedArchitecture(f"no native adapter for model_type={model_type!r}")
 
 
