@@ -261,3 +261,19 @@ def test_skip_none_loads_an_explicit_full_depth_adapter_and_refuses_a_skip_one(t
     assert build_plan(replace(none, adapter="auto"), engine, 2, [baseline])[2] is None  # auto: no adapter
     with pytest.raises(ValueError, match="was trained for plans"):
         load_adapter(build_llama(tokenizer), str(save_adapter(model, tmp_path / "x2", [PLAN])), plan)
+
+
+def test_the_shipped_adapters_serve_the_uniform_plans_they_are_listed_for():
+    from omegaconf import OmegaConf
+
+    from skipengine.lora import adapter_plans
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = OmegaConf.load(root / "conf/model/smollm2.yaml").adapters
+    paths = [root / p for task in shipped.values() for p in task]
+    assert len(set(paths)) == len(paths)  # each file is listed for one task only
+    assert len({adapter_metadata(p)["base_fingerprint"] for p in paths}) == 1  # one base model
+    for task, targets in {"summarize": (1.25, 1.5, 2.0), "translate": (1.0, 1.25, 1.5, 2.0)}.items():
+        plans = {plan for p in shipped[task] for plan in adapter_plans(root / p)}
+        for target in targets:  # basis=layers: the paper's plans, each served by an adapter for the task
+            assert ("full", make_plan(30, "uniform", target).kept_layers) in plans, (task, target)
