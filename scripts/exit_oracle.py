@@ -24,7 +24,7 @@ from jobs.common import run_pairs
 from skipengine import load_model
 from skipengine.adapters import adapter_for
 from skipengine.adaptive import AdaptivePlan
-from skipengine.control import kv_fraction, layer_speedup, threshold_for_target
+from skipengine.control import first_exits, kv_fraction, threshold_for_target, token_costs
 from skipengine.exits import exit_metadata, load_exit_classifiers
 from skipengine.lora import load_adapter
 from skipengine.perplexity import windows
@@ -54,28 +54,20 @@ def traces(model, chunks, exit_layers, batch_size=8):
     return preds, torch.cat(finals), normed, confidence, cosine
 
 
-def first_exit(leave: torch.Tensor) -> torch.Tensor:
-    """leave: bool [E, N] -> index of the first exit point taken per token, E where none is."""
-    never = torch.full_like(leave[0], leave.shape[0], dtype=torch.long)
-    return torch.where(leave.any(0), leave.float().argmax(0), never)
-
-
 def outcome(first, preds, finals, base_finals, exit_layers, num_layers, kv):
     """(layer speedup, share of tokens whose prediction differs from the base full model's)."""
-    exits = torch.tensor([*exit_layers, num_layers - 1], dtype=torch.float)
-    layers_run = (exits[first] + 1).mean().item()
+    speedup = num_layers / token_costs(first, exit_layers, num_layers, kv).mean().item()
     taken = torch.cat([preds, finals[None]])[first, torch.arange(len(first))]
-    return layer_speedup(num_layers, layers_run, kv), (taken != base_finals).float().mean().item()
+    return speedup, (taken != base_finals).float().mean().item()
 
 
 def oracle_at(first, settled, changed, target, exit_layers, num_layers, kv) -> torch.Tensor:
     """The oracle's exits [N] pushed to `target` while changing the fewest predictions: tokens are forced
     out at the first exit point, first those whose prediction has changed anyway (free), then those
     that save the most. changed: bool [N], the oracle's taken prediction differs from the base's."""
-    exits = torch.tensor([*exit_layers, num_layers - 1], dtype=torch.float)
-    cost = exits[first] + 1 + kv * (num_layers - 1 - exits[first])  # layer-equivalents per token
+    cost = token_costs(first, exit_layers, num_layers, kv)
     excess = cost.sum().item() - len(first) * num_layers / target
-    saving = cost - (exits[0] + 1 + kv * (num_layers - 1 - exits[0]))
+    saving = cost - token_costs(torch.zeros_like(first), exit_layers, num_layers, kv)
     candidates = (~settled[0] & (saving > 0)).nonzero().squeeze(1)
     order = sorted(candidates.tolist(), key=lambda t: (not changed[t], -saving[t].item()))
     forced = first.clone()
@@ -114,7 +106,7 @@ def main(run_dir: str, classifiers_path: str, adapter: str | None) -> None:
         "full_depth_differs": (finals != base_finals).float().mean().item(),
         "settled_share": {e: settled[k].float().mean().item() for k, e in enumerate(exit_layers)},
     }
-    oracle = first_exit(settled)
+    oracle = first_exits(settled)
     speedup, changed = outcome(oracle, preds, finals, base_finals, exit_layers, num_layers, kv)
     report["oracle"] = {"speedup": speedup, "changed": changed}
     taken = torch.cat([preds, finals[None]])[oracle, torch.arange(len(oracle))]
@@ -126,7 +118,7 @@ def main(run_dir: str, classifiers_path: str, adapter: str | None) -> None:
         for name, scores in criteria.items():
             threshold, _ = threshold_for_target(scores, exit_layers, num_layers, target, kv)
             speedup, changed = outcome(
-                first_exit(scores >= threshold), preds, finals, base_finals, exit_layers, num_layers, kv
+                first_exits(scores >= threshold), preds, finals, base_finals, exit_layers, num_layers, kv
             )
             report[f"x{target:g}"][name] = {"threshold": threshold, "speedup": speedup, "changed": changed}
     print(json.dumps(report, indent=1))

@@ -29,17 +29,27 @@ def layer_speedup(num_layers: int, layers_per_token: float, kv: float) -> float:
     return num_layers / max(cost, 1e-9)
 
 
+def first_exits(leave: torch.Tensor) -> torch.Tensor:
+    """leave: bool [E, N] -> each token's first exit point taken [N], as an index; E where none is."""
+    never = torch.full_like(leave[0], leave.shape[0], dtype=torch.long)
+    return torch.where(leave.any(0), leave.float().argmax(0), never)
+
+
+def token_costs(
+    first: torch.Tensor, exit_layers: tuple[int, ...], num_layers: int, kv: float
+) -> torch.Tensor:
+    """Layer-equivalents per token [N] for first-exit indices [N] (E: full depth): the layers it ran
+    plus kv times the deeper layers whose K/V it filled."""
+    exit_at = torch.tensor([*exit_layers, num_layers - 1], dtype=torch.float)[first]
+    return exit_at + 1 + kv * (num_layers - 1 - exit_at)
+
+
 def layers_cost(
     probs: torch.Tensor, exit_layers: tuple[int, ...], num_layers: int, threshold: float, kv: float
 ) -> float:
     """Mean layer-equivalents per token if each token leaves at its first exit point with prob >=
     threshold. probs: [E, N]."""
-    exits = torch.tensor(exit_layers, dtype=torch.float)
-    hit = probs >= threshold  # [E, N]
-    first = torch.where(hit.any(0), hit.float().argmax(0), torch.full_like(hit[0], -1, dtype=torch.long))
-    exit_at = torch.where(first >= 0, exits[first.clamp(min=0)], torch.tensor(float(num_layers - 1)))
-    cost = exit_at + 1 + kv * (num_layers - 1 - exit_at)
-    return float(cost.mean())
+    return float(token_costs(first_exits(probs >= threshold), exit_layers, num_layers, kv).mean())
 
 
 def threshold_for_target(
