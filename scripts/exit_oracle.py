@@ -54,11 +54,15 @@ def traces(model, chunks, exit_layers, batch_size=8):
     return preds, torch.cat(finals), normed, confidence, cosine
 
 
+def taken(first, preds, finals) -> torch.Tensor:
+    """The prediction [N] each token leaves with: its first exit point's, or the final one (index E)."""
+    return torch.cat([preds, finals[None]])[first, torch.arange(len(first))]
+
+
 def outcome(first, preds, finals, base_finals, exit_layers, num_layers, kv):
     """(layer speedup, share of tokens whose prediction differs from the base full model's)."""
     speedup = num_layers / token_costs(first, exit_layers, num_layers, kv).mean().item()
-    taken = torch.cat([preds, finals[None]])[first, torch.arange(len(first))]
-    return speedup, (taken != base_finals).float().mean().item()
+    return speedup, (taken(first, preds, finals) != base_finals).float().mean().item()
 
 
 def oracle_at(first, settled, changed, target, exit_layers, num_layers, kv) -> torch.Tensor:
@@ -109,8 +113,7 @@ def main(run_dir: str, classifiers_path: str, adapter: str | None) -> None:
     oracle = first_exits(settled)
     speedup, changed = outcome(oracle, preds, finals, base_finals, exit_layers, num_layers, kv)
     report["oracle"] = {"speedup": speedup, "changed": changed}
-    taken = torch.cat([preds, finals[None]])[oracle, torch.arange(len(oracle))]
-    oracle_changed = taken != base_finals
+    oracle_changed = taken(oracle, preds, finals) != base_finals
     for target in TARGETS:
         forced = oracle_at(oracle, settled, oracle_changed, target, exit_layers, num_layers, kv)
         speedup, changed = outcome(forced, preds, finals, base_finals, exit_layers, num_layers, kv)
