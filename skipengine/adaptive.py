@@ -11,8 +11,9 @@ is the reference: exited tokens keep running every layer for their K and V (no s
 prediction is taken at the exit.
 
 Work falls as tokens exit: once some token of the batch has left, a prefill layer runs its projections
-and MLP on the gathered still-active tokens only (attention still sees every cached key); a decode step
-ends when its last token has left.
+and MLP on the gathered still-active tokens only (attention still sees every cached key); a decode layer
+runs the output projection and MLP on the active rows only, and a decode step ends when its last row has
+left.
 """
 
 from __future__ import annotations
@@ -183,10 +184,11 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
     """hidden [B, T, D] at cache columns [start, start+T) -> (exit hidden states [B, T, D], layers run
     per token [B, T], the K/V fill not counted). Every token decides at every exit point until it leaves.
 
-    Once some tokens have left, a prefill layer gathers the others (compute-bound: the work falls with
-    them), while a decode layer runs every row and keeps the result for the active ones only: a decode
-    step reads each layer's weights whatever its row count, so gathering would add ops and save nothing;
-    such a step costs what its deepest token costs. Token counts stay on the host: no sync per layer."""
+    Prefill (T > 1): an exiting token's deeper K/V is filled at once and later layers gather the tokens
+    still computing. Decode (T = 1): an exited row's hidden state stays frozen and the layers that still
+    run for other rows project it to its K/V as they go, which is the decoupled fill computed where the
+    layer's weights are read anyway; only when the last row leaves are the remaining layers filled, for
+    every row at once. Row counts stay on the host: no sync per layer."""
     ad = engine.adapter
     batch, seq, _ = hidden.shape
     ropes, masks = engine.layer_inputs(hidden, positions, pad, start, range(ad.num_layers))
@@ -194,6 +196,7 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
     computing = deciding.clone()  # differs from deciding only for kv_fill="exact"
     depth = torch.full((batch, seq), ad.num_layers, dtype=torch.long, device=hidden.device)
     n_deciding = n_computing = batch * seq
+    active_rows = None  # decode: indices of the rows still computing, once some have left
     out = torch.empty_like(hidden)
     exits = set(plan.exit_layers)
     for i in range(ad.num_layers):
@@ -202,7 +205,7 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
         if n_computing == batch * seq:
             hidden = engine.layer(i, hidden, ropes, masks, start, cache)
         elif seq == 1:
-            hidden = engine.layer(i, hidden, ropes, masks, start, cache, keep=computing)
+            hidden = engine.layer(i, hidden, ropes, masks, start, cache, active=active_rows)
         else:
             rows, cols = computing.nonzero(as_tuple=True)
             sparse_layer(engine, i, hidden, rows, cols, ropes, masks, start, cache)
@@ -215,10 +218,17 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
                 deciding[rows, cols] = False
                 n_deciding -= rows.numel()
                 if plan.kv_fill != "exact":
-                    fill_deeper_kv(engine, plan, i, hidden[rows, cols], rows, cols, ropes, start, cache)
                     computing[rows, cols] = False
                     n_computing -= rows.numel()
                     depth[rows, cols] = i + 1
+                    if seq > 1:
+                        fill_deeper_kv(engine, plan, i, hidden[rows, cols], rows, cols, ropes, start, cache)
+                    elif n_computing:
+                        active_rows = computing[:, 0].nonzero()[:, 0]
+                    else:  # every row has left: the layers below were not run, fill them for all
+                        every = torch.arange(batch, device=hidden.device)
+                        zero = torch.zeros_like(every)
+                        fill_deeper_kv(engine, plan, i, hidden[:, 0], every, zero, ropes, start, cache)
     out[deciding] = hidden[deciding]
     return out, depth
 

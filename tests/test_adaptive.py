@@ -241,9 +241,10 @@ def test_the_engine_steps_the_plans_controller_and_reports_its_mean_threshold(en
     assert again.exit_threshold != stats.exit_threshold  # carried on from the last batch, not reset to 0.5
 
 
-def test_a_masked_decode_layer_leaves_exited_rows_and_their_kv_alone(engine):
-    """Decode runs every row through a layer with keep=: the exited row's state and its filled K/V stay
-    as they were, the active row equals running the layer on it alone."""
+def test_a_decode_layer_fills_exited_rows_kv_and_runs_the_rest_for_active_rows_only(engine):
+    """Decode runs a layer with active=: the exited row keeps its hidden state, and the K/V the layer
+    writes for it is the decoupled fill of its frozen exit state; the active row equals running the
+    layer on it alone."""
     ad = engine.adapter
     cache = StaticKVCache(range(L), 2, ad.num_kv_heads, 8, ad.head_dim, torch.float32, "cpu")
     torch.manual_seed(3)
@@ -251,14 +252,16 @@ def test_a_masked_decode_layer_leaves_exited_rows_and_their_kv_alone(engine):
         buf.normal_()
     hidden = torch.randn(2, 1, engine.model.config.hidden_size)
     positions, pad, start, i = torch.tensor([[5], [5]]), torch.zeros(2, dtype=torch.long), 5, 3
-    keep = torch.tensor([[True], [False]])
     before_k, before_v = cache.keys[i].clone(), cache.values[i].clone()
     with torch.inference_mode():
         ropes, masks = engine.layer_inputs(hidden, positions, pad, start, range(L))
-        out = engine.layer(i, hidden, ropes, masks, start, cache, keep=keep)
+        out = engine.layer(i, hidden, ropes, masks, start, cache, active=torch.tensor([0]))
         torch.testing.assert_close(out[1], hidden[1], atol=0, rtol=0)
-        torch.testing.assert_close(cache.keys[i][1], before_k[1], atol=0, rtol=0)
-        torch.testing.assert_close(cache.values[i][1], before_v[1], atol=0, rtol=0)
+        sel = {kind: (cos[1], sin[1]) for kind, (cos, sin) in ropes.items()}  # [1, hd]
+        fill_k, fill_v = ad.decoupled_kv(range(i, i + 1), hidden[1], sel)  # [1, 1, KV, hd]
+        torch.testing.assert_close(cache.keys[i][1, :, start], fill_k[0, 0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cache.values[i][1, :, start], fill_v[0, 0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cache.keys[i][1, :, :start], before_k[1, :, :start], atol=0, rtol=0)
         alone = StaticKVCache(range(L), 1, ad.num_kv_heads, 8, ad.head_dim, torch.float32, "cpu")
         alone.keys[i].copy_(before_k[:1])
         alone.values[i].copy_(before_v[:1])
