@@ -24,6 +24,9 @@ class ModelConfig:
     device: str = "cpu"
     dtype: str = "float32"
     trust_remote_code: bool = False
+    # what Ray reserves for one actor of this model unless cluster.memory_per_actor_gb says otherwise:
+    # its measured peak RSS with headroom (raise it for a bigger local model)
+    actor_memory_gb: float = 2.5
     # task name -> the skip-aware adapters shipped for this model (uniform plans); skip.adapter=auto picks
     # one per plan in each actor (pipeline.generator.choose_adapter_plan)
     adapters: dict[str, list[str]] = field(default_factory=dict)
@@ -88,7 +91,7 @@ class ClusterConfig:
     num_actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 0.5  # fractional locally: whole CPUs per actor deadlock Ray on 2 cores
-    memory_per_actor_gb: float = 2.5  # Ray reserves it per actor (SmolLM2's peaks at 1.8 GiB); 0: none
+    memory_per_actor_gb: float | None = None  # Ray's reservation; null: model.actor_memory_gb; 0: none
     threads_per_actor: int = 2  # torch threads inside each actor
     batch_size: int = 8
     local_num_cpus: int | None = None  # kind=local: CPUs Ray may use (default: all)
@@ -164,8 +167,12 @@ def validate(cfg: JobConfig) -> None:
         raise ValueError(f"task.max_new_tokens={cfg.task.max_new_tokens} must be >= 1")
     if cfg.cluster.num_actors < 1 or cfg.cluster.batch_size < 1:
         raise ValueError("cluster.num_actors and cluster.batch_size must be >= 1")
-    if cfg.cluster.memory_per_actor_gb < 0:
-        raise ValueError("cluster.memory_per_actor_gb must be >= 0 (0 reserves nothing)")
+    if cfg.cluster.memory_per_actor_gb is not None and cfg.cluster.memory_per_actor_gb < 0:
+        raise ValueError(
+            "cluster.memory_per_actor_gb must be >= 0 (0 reserves nothing), or null for the model's own"
+        )
+    if cfg.model.actor_memory_gb < 0:
+        raise ValueError(f"model.actor_memory_gb={cfg.model.actor_memory_gb} must be >= 0")
     if cfg.cluster.cpus_per_actor <= 0 and cfg.cluster.gpus_per_actor <= 0:
         raise ValueError("cluster.cpus_per_actor must be > 0 (fractional is fine, e.g. 0.5)")
     if cfg.cluster.kind == "existing" and not cfg.cluster.address:
@@ -196,3 +203,10 @@ def validate(cfg: JobConfig) -> None:
         raise FileNotFoundError(f"data.path={cfg.data.path!r} does not exist; point it at a file or a folder")
     if cfg.model.device.startswith("cuda") and cfg.cluster.gpus_per_actor <= 0:
         raise ValueError("model.device=cuda needs cluster.gpus_per_actor > 0 so Ray gives each actor a GPU")
+
+
+def actor_memory(cfg: JobConfig) -> tuple[str, float]:
+    """(the config key it comes from, GiB) that Ray reserves per generator actor."""
+    if cfg.cluster.memory_per_actor_gb is not None:
+        return "cluster.memory_per_actor_gb", cfg.cluster.memory_per_actor_gb
+    return "model.actor_memory_gb", cfg.model.actor_memory_gb

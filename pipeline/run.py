@@ -20,7 +20,7 @@ import ray
 from transformers import AutoConfig
 
 from pipeline import sources
-from pipeline.config import JobConfig, resolve_adapter, validate
+from pipeline.config import JobConfig, actor_memory, resolve_adapter, validate
 from pipeline.generator import Generator
 from pipeline.progress import Progress
 from pipeline.rundir import RunDir
@@ -60,10 +60,11 @@ def check_pool_fits(cfg: JobConfig) -> None:
         return
     have = ray.cluster_resources()
     c = cfg.cluster
+    memory_key, memory_gb = actor_memory(cfg)
     asked = {
         "cluster.cpus_per_actor": ("CPU", c.cpus_per_actor, 1),
         "cluster.gpus_per_actor": ("GPU", c.gpus_per_actor, 1),
-        "cluster.memory_per_actor_gb": ("memory", c.memory_per_actor_gb, 2**30),
+        memory_key: ("memory", memory_gb, 2**30),
     }
     for key, (resource, per_actor, unit) in asked.items():
         if per_actor * c.num_actors * unit > have.get(resource, 0.0):
@@ -158,7 +159,7 @@ def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunD
         ),
         num_cpus=cluster.cpus_per_actor,
         num_gpus=cluster.gpus_per_actor or None,
-        memory=int(cluster.memory_per_actor_gb * 2**30) or None,
+        memory=int(actor_memory(cfg)[1] * 2**30) or None,
         # Ray sets OMP_NUM_THREADS from num_cpus (1 for a fractional actor)
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cluster.threads_per_actor)}},
     )

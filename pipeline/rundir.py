@@ -15,8 +15,9 @@ import yaml
 
 ARTIFACTS = ("outputs", "stats", "summary.json", "summary.parquet", "config.yaml", "metrics.json")
 SAME_JOB_KEYS = ("model", "task", "skip", "data")  # what makes the outputs what they are
-# data.limit may grow: the rows already done stay valid (a shrinking limit is refused by the id check)
-MAY_CHANGE = {("data", "limit")}
+# data.limit may grow: the rows already done stay valid (a shrinking limit is refused by the id check);
+# the model's memory reservation is scheduling, not output
+MAY_CHANGE = {("data", "limit"), ("model", "actor_memory_gb")}
 
 
 class RunDir:

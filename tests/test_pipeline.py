@@ -151,6 +151,7 @@ def test_content_hash_ids_are_stable_and_duplicates_are_refused(tmp_path, tiny_m
         ({"task": {"template": "no slot"}}, ValueError, "must contain {input}"),
         ({"cluster": {"kind": "existing", "address": None}}, ValueError, "needs cluster.address"),
         ({"cluster": {"memory_per_actor_gb": 4096.0}}, ValueError, r"cluster.memory_per_actor_gb=4096.0 x"),
+        ({"model": {"actor_memory_gb": 4096.0}}, ValueError, r"model.actor_memory_gb=4096.0 x"),
     ],
 )
 def test_bad_config_stops_before_any_actor(tmp_path, tiny_model_dir, groups, error, message):
