@@ -1,7 +1,8 @@
 """Adaptive decode tokens/s of this checkout's engine against an earlier commit's, interleaved in one
 process (README, ADEPT speed). The earlier commit's skipengine/adaptive.py and Engine.layer are loaded
 from git and swapped in per call; thresholds are calibrated once (controller off) so both sides run the
-same exits. python scripts/ab_adaptive_decode.py REV BATCHES [TARGETS], e.g. 4269fee 8,32 1.25,2.0"""
+same exits.
+python scripts/ab_adaptive_decode.py REV BATCHES [TARGETS [REPEATS]], e.g. 4269fee 8,32 1.25,2.0 3"""
 
 import importlib.util
 import statistics
@@ -36,6 +37,7 @@ def module_at(rev: str, path: str, name: str, folder: Path):
 if __name__ == "__main__":
     rev, batches = sys.argv[1], [int(b) for b in sys.argv[2].split(",")]
     targets = [float(t) for t in sys.argv[3].split(",")] if len(sys.argv) > 3 else [1.25, 2.0]
+    repeats = int(sys.argv[4]) if len(sys.argv) > 4 else 3
     folder = Path(tempfile.mkdtemp())
     old_adaptive = module_at(rev, "skipengine/adaptive.py", "old_adaptive", folder)
     old_engine = module_at(rev, "skipengine/engine.py", "old_engine", folder)
@@ -66,7 +68,7 @@ if __name__ == "__main__":
             plans[f"adaptive x{t:g}"] = build_adaptive_plan(skip, engine, prompts[:16])
         work = prompts[16 : 16 + batch]
         samples: dict[tuple[str, str], list] = {}
-        for rep in range(3):
+        for rep in range(repeats):
             for name, plan in plans.items():
                 for side in ("old", "new") if rep % 2 == 0 else ("new", "old"):
                     if name == "full depth" and side == "old":
