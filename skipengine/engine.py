@@ -281,7 +281,8 @@ class Engine:
         if active is None:
             return ad.mlp_residual(i, ad.attention_residual(i, hidden, attn))
         # gathering the attention outputs, not the cache: the MLP is most of a layer and, from a few
-        # rows on, its cost grows with them (SmolLM2 on 2 cores: 0.86 ms at 8 rows, 1.7 ms at 32)
+        # rows on, its cost grows with them (SmolLM2 on 2 cores: 0.37 ms at 8 rows, 1.28 ms at 32;
+        # scripts/time_mlp_rows.py)
         out = ad.mlp_residual(i, ad.attention_residual(i, hidden[active], attn[active]))
         return hidden.index_copy(0, active, out)
 
