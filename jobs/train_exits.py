@@ -2,7 +2,8 @@
 text: a finished jobs.generate run's prompts and outputs (run_dir=...), i.e. your own corpus as the model
 reads and writes it. Writes `out` (a safetensors file tied to the model) and prints per-exit stats.
 adapter=<an exit-aware adapter, jobs.finetune strategy=adaptive>: trained on the model with it merged,
-and tied to it (skip.adapter=auto then loads that adapter with these classifiers)."""
+and tied to it (skip.adapter=auto then loads that adapter with these classifiers). translate=true (the
+default) also fits a translator per exit point, the state a leaving token's prediction is read from."""
 
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ def main(cfg: DictConfig) -> None:
     if cfg.adapter:  # the classifiers must read the hidden states of the model they will run with
         model = load_adapter(model, cfg.adapter, AdaptivePlan(model.config.num_hidden_layers, exits))
     log.info("%d windows of %d tokens, exit points after layers %s", len(chunks), cfg.window_tokens, exits)
-    traces = exit_traces(model, chunks, exits)
+    traces, translators = exit_traces(model, chunks, exits, translate=cfg.translate)
     config = model.config
-    classifiers, stats = train_exit_classifiers(traces, config.hidden_size, cfg.steps, cfg.lr, cfg.width)
+    classifiers, stats = train_exit_classifiers(
+        traces, config.hidden_size, cfg.steps, cfg.lr, cfg.width, translators=translators
+    )
     ceiling = oracle_speedup(traces, config.num_hidden_layers, kv_fraction(adapter_for(model, pack=False)))
     save_exit_classifiers(
         classifiers, cfg.out, model, cfg.adapter, run_dir=str(cfg.run_dir), windows=len(chunks)

@@ -33,17 +33,23 @@ TARGETS = (1.25, 1.5, 2.0)
 
 
 @torch.no_grad()
-def traces(model, chunks, exit_layers, batch_size=8):
+def traces(model, chunks, exit_layers, classifiers=None, batch_size=8):
     """(per-exit argmax [E, N], full-depth argmax [N], final-normed hidden states per exit [E, N, D],
     CALM's LM-head confidence per exit [E, N], CALM's state saturation per exit [E, N]: the cosine of the
-    exit state with its layer's input)."""
+    exit state with its layer's input). The argmax and the confidence are read from the state a leaving
+    token takes: translated when the classifiers carry translators."""
     inner, head = model.model, model.lm_head
     preds, finals, normed, confidence, cosine = [], [], [], [], []
     for i in range(0, len(chunks), batch_size):
         out = inner(input_ids=torch.tensor(chunks[i : i + batch_size]), output_hidden_states=True)
         finals.append(head(out.last_hidden_state).argmax(-1).flatten())
-        states = [inner.norm(out.hidden_states[e + 1]).flatten(0, 1) for e in exit_layers]  # [N, D] each
-        probs = [head(s).softmax(-1).max(-1) for s in states]
+        raw = [out.hidden_states[e + 1].flatten(0, 1) for e in exit_layers]  # [N, D] each
+        states = [inner.norm(h) for h in raw]
+        leaves_with = states
+        if classifiers is not None and classifiers.translators is not None:
+            pairs = zip(exit_layers, raw, strict=True)
+            leaves_with = [inner.norm(classifiers.exit_state(e, h)) for e, h in pairs]
+        probs = [head(s).softmax(-1).max(-1) for s in leaves_with]
         preds.append(torch.stack([p.indices for p in probs]))
         confidence.append(torch.stack([p.values for p in probs]))
         hs = out.hidden_states  # [e + 1]: after layer e
@@ -97,7 +103,7 @@ def main(run_dir: str, classifiers_path: str, adapter: str | None) -> None:
     if adapter:
         model = load_adapter(model, adapter, AdaptivePlan(num_layers, exit_layers))
     classifiers = load_exit_classifiers(classifiers_path, model, adapter)
-    preds, finals, normed, confidence, cosine = traces(model, chunks, exit_layers)
+    preds, finals, normed, confidence, cosine = traces(model, chunks, exit_layers, classifiers)
     criteria = {
         "classifiers": torch.stack([classifiers(e, normed[k]).sigmoid() for k, e in enumerate(exit_layers)]),
         "confidence (CALM)": confidence,
@@ -107,6 +113,7 @@ def main(run_dir: str, classifiers_path: str, adapter: str | None) -> None:
     report = {
         "tokens": len(base_finals),
         "adapter": adapter,
+        "translators": classifiers.translators is not None,
         "full_depth_differs": (finals != base_finals).float().mean().item(),
         "settled_share": {e: settled[k].float().mean().item() for k, e in enumerate(exit_layers)},
     }

@@ -96,9 +96,13 @@ def exit_layers_for(num_layers: int, every: int = 2, min_depth: int = 4) -> tupl
 
 class ExitClassifiers(torch.nn.Module):
     """One small MLP per exit point: P(the prediction at this depth already equals the final one),
-    from the final-normed hidden state. Costs ~D*64 multiply-adds, against D*V for an LM-head check."""
+    from the final-normed hidden state. Costs ~D*64 multiply-adds, against D*V for an LM-head check.
+    With translate, also one affine translator per exit point (D*D multiply-adds, paid only by the
+    tokens that leave): the state a leaving token's prediction is read from (skipengine.exits)."""
 
-    def __init__(self, hidden_size: int, exit_layers: tuple[int, ...], width: int = 64):
+    def __init__(
+        self, hidden_size: int, exit_layers: tuple[int, ...], width: int = 64, translate: bool = False
+    ):
         super().__init__()
         self.exit_layers = tuple(exit_layers)
         self.heads = torch.nn.ModuleDict(
@@ -109,10 +113,20 @@ class ExitClassifiers(torch.nn.Module):
                 for layer in self.exit_layers
             }
         )
+        self.translators = None
+        if translate:
+            self.translators = torch.nn.ModuleDict(
+                {str(layer): torch.nn.Linear(hidden_size, hidden_size) for layer in self.exit_layers}
+            )
 
     def forward(self, layer: int, normed: torch.Tensor) -> torch.Tensor:
         """normed: [N, D] -> logits [N]."""
         return self.heads[str(layer)](normed).squeeze(-1)
+
+    def exit_state(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, D] after `layer` -> [N, D] the state the final norm and LM head read for a token
+        leaving there: the translator's estimate of the last layer's output, or hidden itself."""
+        return hidden if self.translators is None else self.translators[str(layer)](hidden)
 
 
 def exit_scores(engine, criterion: str, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -128,6 +142,12 @@ def exit_scores(engine, criterion: str, layer: int, hidden: torch.Tensor) -> tor
         )
     normed = ad.norm(ad.final_norm, hidden)
     return torch.sigmoid(engine.exit_classifiers(layer, normed).float())
+
+
+def exit_state(engine, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden: [N, D] of tokens leaving after `layer` -> the state their prediction is read from."""
+    classifiers = engine.exit_classifiers
+    return hidden if classifiers is None else classifiers.exit_state(layer, hidden)
 
 
 def leaving(engine, plan: AdaptivePlan, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -181,8 +201,9 @@ def sparse_layer(engine, i: int, hidden, rows, cols, ropes, masks, start, cache)
 
 
 def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePlan, cache):
-    """hidden [B, T, D] at cache columns [start, start+T) -> (exit hidden states [B, T, D], layers run
-    per token [B, T], the K/V fill not counted). Every token decides at every exit point until it leaves.
+    """hidden [B, T, D] at cache columns [start, start+T) -> (exit hidden states [B, T, D], translated
+    where the classifiers carry translators; layers run per token [B, T], the K/V fill not counted).
+    Every token decides at every exit point until it leaves.
 
     Prefill (T > 1): an exiting token's deeper K/V is filled at once and later layers gather the tokens
     still computing. Decode (T = 1): an exited row's hidden state stays frozen and the layers that still
@@ -214,7 +235,7 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
             leave = leaving(engine, plan, i, hidden[rows, cols])
             rows, cols = rows[leave], cols[leave]
             if rows.numel():
-                out[rows, cols] = hidden[rows, cols]
+                out[rows, cols] = exit_state(engine, i, hidden[rows, cols])
                 deciding[rows, cols] = False
                 n_deciding -= rows.numel()
                 if plan.kv_fill != "exact":

@@ -12,6 +12,7 @@ from skipengine.cache import StaticKVCache
 from skipengine.depth import exit_runs, sample_exit_depths, token_depth
 from skipengine.exits import (
     exit_traces,
+    fit_translators,
     load_exit_classifiers,
     oracle_speedup,
     save_exit_classifiers,
@@ -111,23 +112,64 @@ def test_batch_invariance(engine, prompts, criterion, threshold):
         assert engine.generate([prompt], p, greedy()).rows[0].token_ids == row.token_ids
 
 
-def test_exit_classifiers_train_save_load_and_refuse_another_model(tmp_path, llama, tokenizer):
+@pytest.mark.parametrize("translate", [False, True])
+def test_exit_classifiers_train_save_load_and_refuse_another_model(tmp_path, llama, tokenizer, translate):
     windows = [[(7 * i + 3 * j) % 200 + 5 for j in range(24)] for i in range(16)]
     exits = exit_layers_for(L, 2, 2)
-    traces = exit_traces(llama, windows, exits)
-    classifiers, stats = train_exit_classifiers(traces, llama.config.hidden_size, steps=60)
+    traces, translators = exit_traces(llama, windows, exits, translate=translate)
+    assert (translators is not None) == translate
+    classifiers, stats = train_exit_classifiers(
+        traces, llama.config.hidden_size, steps=60, translators=translators
+    )
     assert set(stats) == set(exits) and all(0 <= s["accuracy"] <= 1 for s in stats.values())
     assert 1.0 <= oracle_speedup(traces, L, 0.0) <= L / (exits[0] + 1)
-    # the last exit point agrees with the final prediction more often than the first
-    assert stats[exits[-1]]["already_final"] >= stats[exits[0]]["already_final"]
+    if not translate:  # the raw state: the last exit point agrees with the final prediction more often
+        assert stats[exits[-1]]["already_final"] >= stats[exits[0]]["already_final"]
     path = save_exit_classifiers(classifiers, tmp_path / "exits.safetensors", llama)
     loaded = load_exit_classifiers(path, llama)
     x = torch.randn(5, llama.config.hidden_size)
     with torch.no_grad():
         torch.testing.assert_close(loaded(exits[0], x), classifiers(exits[0], x))
+        torch.testing.assert_close(loaded.exit_state(exits[0], x), classifiers.exit_state(exits[0], x))
+        if translate:
+            weight, bias = translators[exits[0]]
+            torch.testing.assert_close(loaded.exit_state(exits[0], x), x @ weight + bias)
+        else:
+            assert loaded.exit_state(exits[0], x) is x
     other = build_llama(tokenizer, seed=1)
     with pytest.raises(ValueError, match="different base model"):
         load_exit_classifiers(path, other)
+
+
+def test_translators_recover_an_affine_map():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(16, 16), torch.randn(16)
+    states = {3: torch.randn(400, 16)}
+    (fit_weight, fit_bias) = fit_translators(states, states[3] @ weight + bias, ridge=1e-9)[3]
+    torch.testing.assert_close(fit_weight, weight, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fit_bias, bias, atol=1e-4, rtol=1e-4)
+
+
+def test_a_leaving_token_predicts_from_its_translated_state_and_fills_kv_from_its_raw_one(
+    llama, tokenizer, prompts
+):
+    engine = Engine(llama, tokenizer)
+    ad, prompt, exit_at = engine.adapter, prompts[0], 3
+    torch.manual_seed(0)
+    translating = ExitClassifiers(llama.config.hidden_size, (exit_at,), translate=True).eval()
+    outs, caches = [], []
+    for classifiers in (translating, None):
+        engine.exit_classifiers = classifiers
+        cache = StaticKVCache(range(L), 1, ad.num_kv_heads, 64, ad.head_dim, torch.float32, "cpu")
+        out, _ = run_forward(engine, prompt, plan("fixed", exits=(exit_at,)), cache)
+        outs.append(out)
+        caches.append(cache)
+    with torch.no_grad():  # without translators a leaving token's state is its raw exit state
+        torch.testing.assert_close(outs[0][0], translating.exit_state(exit_at, outs[1][0]))
+    for layer in range(L):
+        n = caches[0].slot[layer]
+        torch.testing.assert_close(caches[0].keys[n], caches[1].keys[n])
+        torch.testing.assert_close(caches[0].values[n], caches[1].values[n])
 
 
 def test_the_oracle_leaves_each_token_at_its_first_settled_exit_point():
@@ -148,8 +190,8 @@ def test_adaptive_job_calibrates_and_holds_the_target(tmp_path, tiny_model_dir, 
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     windows = [tokenizer(r["text"] * 3)["input_ids"][:24] for r in corpus_rows(16)]
-    traces = exit_traces(model, windows, exit_layers_for(L, 1, 2))
-    classifiers, _ = train_exit_classifiers(traces, model.config.hidden_size, steps=60)
+    traces, translators = exit_traces(model, windows, exit_layers_for(L, 1, 2), translate=True)
+    classifiers, _ = train_exit_classifiers(traces, model.config.hidden_size, 60, translators=translators)
     exits = save_exit_classifiers(classifiers, tmp_path / "exits.safetensors", model)
     data = write_jsonl(tmp_path / "c.jsonl", corpus_rows(16))
     cfg = job(
@@ -322,7 +364,7 @@ def test_an_exit_aware_adapter_trains_and_its_classifiers_bring_it_into_the_job(
         load_adapter(copy.deepcopy(base), adapter, make_plan(L, "uniform", 1.5))
 
     merged = load_adapter(copy.deepcopy(base), adapter, exit_plan)
-    traces = exit_traces(merged, [ids[:20] for ids in texts], exits)
+    traces, _ = exit_traces(merged, [ids[:20] for ids in texts], exits)
     classifiers, _ = train_exit_classifiers(traces, merged.config.hidden_size, steps=20)
     path = save_exit_classifiers(classifiers, tmp_path / "exits.safetensors", merged, str(adapter))
     with pytest.raises(ValueError, match="with adapter"):
