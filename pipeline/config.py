@@ -66,7 +66,7 @@ class SkipConfig:
     exit_classifiers: str | None = None  # jobs.train_exits output (criterion=classifier)
     criterion: str = "classifier"  # or "confidence" (an LM-head check, CALM's baseline)
     exit_every: int = 2  # exit points every k layers (criterion=confidence; classifiers carry their own)
-    min_depth: int = 4
+    min_depth: int = 4  # no exit before layer min_depth (1-based); filters the classifiers' points too
     kv_fill: str = "decoupled"
     threshold: float | None = None  # None: calibrated on the first calibration_rows rows of the corpus
     calibration_rows: int = 16

@@ -171,8 +171,14 @@ def build_adaptive_plan(skip: SkipConfig, engine: Engine, calibration: list[list
     prompts' full-depth traces meets the target; with skip.controller, the plan carries a controller that
     holds the target step by step along that calibration's curve. The engine comes from adaptive_engine."""
     layers = engine.num_layers
-    if skip.criterion == "classifier":
-        exits = engine.exit_classifiers.exit_layers
+    if skip.criterion == "classifier":  # the classifiers' own exit points, from skip.min_depth on
+        trained = engine.exit_classifiers.exit_layers
+        exits = tuple(e for e in trained if e >= skip.min_depth - 1)
+        if not exits:
+            raise ValueError(
+                f"skip.min_depth={skip.min_depth} leaves none of the exit classifiers' exit points "
+                f"(after layers {list(trained)}, 0-based); lower it"
+            )
     else:
         exits = exit_layers_for(layers, skip.exit_every, skip.min_depth)
     kv = kv_fraction(engine.adapter)

@@ -385,3 +385,15 @@ def test_calms_confidence_calibrates_and_holds_a_target_like_the_classifiers(eng
     assert calm.criterion == "confidence" and calm.controller is not None and 0 <= calm.threshold <= 1
     out = engine.generate(prompts, calm, greedy())
     assert out.stats.decode_layers_per_token < L
+
+
+def test_min_depth_keeps_the_classifiers_later_exit_points_only(engine):
+    from pipeline.config import SkipConfig
+    from pipeline.generator import build_adaptive_plan
+
+    assert engine.exit_classifiers.exit_layers == (1, 3, 5)
+    skip = SkipConfig(strategy="adaptive", threshold=0.5, controller=False, min_depth=4)
+    assert build_adaptive_plan(skip, engine, []).exit_layers == (3, 5)
+    skip.min_depth = 7
+    with pytest.raises(ValueError, match="skip.min_depth=7 leaves none"):
+        build_adaptive_plan(skip, engine, [])
