@@ -8,7 +8,8 @@ as one batched product over the deeper layers instead of a pass through their at
 CALM's state propagation (copy h_e as the input of each deeper layer) gives the same K and V, computed
 one layer after another: kv_fill="propagate" runs it that way so the two can be compared. kv_fill="exact"
 is the reference: exited tokens keep running every layer for their K and V (no saving), only their
-prediction is taken at the exit.
+prediction is taken at the exit. kv_fill="translated" is the decoupled fill from the translated exit state
+(skipengine.exits: translators) instead of the raw one.
 
 Work falls as tokens exit: once some token of the batch has left, a prefill layer runs its projections
 and MLP on the gathered still-active tokens only (attention still sees every cached key); a decode layer
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from skipengine.control import SpeedupController
 
 CRITERIA = ("classifier", "confidence", "fixed")  # fixed: every token leaves at the first exit point
-KV_FILLS = ("decoupled", "propagate", "exact")
+KV_FILLS = ("decoupled", "propagate", "exact", "translated")
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ def fill_deeper_kv(engine, plan: AdaptivePlan, layer: int, hidden, rows, cols, r
     ad = engine.adapter
     deeper = range(layer + 1, ad.num_layers)
     sel = {kind: (cos[rows, cols], sin[rows, cols]) for kind, (cos, sin) in ropes.items()}  # [N, hd]
-    if plan.kv_fill == "decoupled":
+    if plan.kv_fill in ("decoupled", "translated"):
         keys, values = ad.decoupled_kv(deeper, hidden, sel)  # [J, N, KV, hd] each, one batched product
     else:  # "propagate": the exit state as each deeper layer's input, one layer after another
         keys, values = [], []
@@ -236,6 +237,8 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
             rows, cols = rows[leave], cols[leave]
             if rows.numel():
                 out[rows, cols] = exit_state(engine, i, hidden[rows, cols])
+                if plan.kv_fill == "translated":  # the deeper K/V come from the translated state
+                    hidden[rows, cols] = out[rows, cols]
                 deciding[rows, cols] = False
                 n_deciding -= rows.numel()
                 if plan.kv_fill != "exact":

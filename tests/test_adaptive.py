@@ -172,6 +172,25 @@ def test_a_leaving_token_predicts_from_its_translated_state_and_fills_kv_from_it
         torch.testing.assert_close(caches[0].values[n], caches[1].values[n])
 
 
+def test_translated_fill_writes_the_deeper_kv_of_the_translated_state(llama, tokenizer, prompts):
+    engine = Engine(llama, tokenizer)
+    ad, prompt, exit_at = engine.adapter, prompts[0], 3
+    torch.manual_seed(0)
+    engine.exit_classifiers = ExitClassifiers(llama.config.hidden_size, (exit_at,), translate=True).eval()
+    cache = StaticKVCache(range(L), 1, ad.num_kv_heads, 64, ad.head_dim, torch.float32, "cpu")
+    out, _ = run_forward(engine, prompt, plan("fixed", 0, "translated", exits=(exit_at,)), cache)
+    with torch.no_grad():
+        hidden = ad.embed(torch.tensor([prompt]))
+        positions = torch.arange(len(prompt))[None]
+        ropes, _ = engine.layer_inputs(hidden, positions, torch.zeros(1, dtype=torch.long), 0, range(L))
+        sel = {kind: (cos[0], sin[0]) for kind, (cos, sin) in ropes.items()}
+        keys, values = ad.decoupled_kv(range(exit_at + 1, L), out[0], sel)  # [J, T, KV, hd]
+    for j, layer in enumerate(range(exit_at + 1, L)):
+        n = cache.slot[layer]
+        torch.testing.assert_close(cache.keys[n][0, :, : len(prompt)], keys[j].transpose(0, 1))
+        torch.testing.assert_close(cache.values[n][0, :, : len(prompt)], values[j].transpose(0, 1))
+
+
 def test_the_oracle_leaves_each_token_at_its_first_settled_exit_point():
     # exit points after layers 1 and 3 of 8; tokens settle after layer 1, after layer 3, never
     labels = {1: torch.tensor([1.0, 0.0, 0.0]), 3: torch.tensor([0.0, 1.0, 0.0])}
