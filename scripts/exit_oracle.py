@@ -71,6 +71,12 @@ def outcome(first, preds, finals, base_finals, exit_layers, num_layers, kv):
     return speedup, (taken(first, preds, finals) != base_finals).float().mean().item()
 
 
+def exit_shares(first, exit_layers) -> dict[str, float]:
+    """Share of tokens leaving at each exit point ("full": never)."""
+    counts = torch.bincount(first, minlength=len(exit_layers) + 1).float() / len(first)
+    return dict(zip([*map(str, exit_layers), "full"], counts.tolist(), strict=True))
+
+
 def oracle_at(first, settled, changed, target, exit_layers, num_layers, kv) -> torch.Tensor:
     """The oracle's exits [N] pushed to `target` while changing the fewest predictions: tokens are forced
     out at the first exit point, first those whose prediction has changed anyway (free), then those
@@ -127,10 +133,14 @@ def main(run_dir: str, classifiers_path: str, adapter: str | None) -> None:
         report[f"x{target:g}"] = {"oracle": {"speedup": speedup, "changed": changed}}
         for name, scores in criteria.items():
             threshold, _ = threshold_for_target(scores, exit_layers, num_layers, target, kv)
-            speedup, changed = outcome(
-                first_exits(scores >= threshold), preds, finals, base_finals, exit_layers, num_layers, kv
-            )
-            report[f"x{target:g}"][name] = {"threshold": threshold, "speedup": speedup, "changed": changed}
+            first = first_exits(scores >= threshold)
+            speedup, changed = outcome(first, preds, finals, base_finals, exit_layers, num_layers, kv)
+            report[f"x{target:g}"][name] = {
+                "threshold": threshold,
+                "speedup": speedup,
+                "changed": changed,
+                "exit_share": exit_shares(first, exit_layers),
+            }
     print(json.dumps(report, indent=1))
 
 
