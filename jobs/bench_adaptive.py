@@ -18,11 +18,9 @@ import statistics
 import hydra
 from omegaconf import DictConfig
 
-from jobs.common import setup, task_config
+from jobs.common import aclsum_test_prompts, setup
 from pipeline.config import SkipConfig
-from pipeline.corpora import read_aclsum
 from pipeline.generator import adaptive_engine, build_adaptive_plan
-from pipeline.prompts import PromptBuilder
 from skipengine import SamplingParams, full_plan, load_model, make_plan, measure_cost_model
 
 log = logging.getLogger("bench_adaptive")
@@ -34,8 +32,7 @@ def main(cfg: DictConfig) -> None:
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
     adaptive = dict(strategy="adaptive", exit_classifiers=cfg.exit_classifiers, adapter=cfg.adapter)
     engine = adaptive_engine(SkipConfig(**adaptive), model, tokenizer)
-    builder = PromptBuilder(task_config("summarize"), engine.tokenizer)
-    prompts = [builder.build(r["abstract"]).ids for r in read_aclsum("test")]
+    prompts = aclsum_test_prompts(engine.tokenizer)
     sampling = SamplingParams(max_new_tokens=cfg.new_tokens, ignore_eos=True)
     rows = []
     for batch in cfg.batch_sizes:

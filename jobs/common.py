@@ -10,6 +10,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import TaskConfig
+from pipeline.corpora import read_aclsum
+from pipeline.prompts import PromptBuilder
 from skipengine import Engine, load_model
 
 
@@ -33,6 +35,12 @@ def task_config(name: str) -> TaskConfig:
     """conf/task/<name>.yaml as a TaskConfig, for jobs that run several tasks outside Hydra's groups."""
     conf = Path(__file__).resolve().parent.parent / "conf" / "task" / f"{name}.yaml"
     return TaskConfig(**OmegaConf.to_container(OmegaConf.load(conf)))
+
+
+def aclsum_test_prompts(tokenizer) -> list[list[int]]:
+    """Token ids of the summarize prompt (chat template) for every ACLSum test paper's abstract."""
+    builder = PromptBuilder(task_config("summarize"), tokenizer)
+    return [builder.build(r["abstract"]).ids for r in read_aclsum("test")]
 
 
 def run_pairs(run_dir: str | None) -> list[tuple[str, str]]:

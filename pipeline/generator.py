@@ -181,6 +181,12 @@ def build_adaptive_plan(skip: SkipConfig, engine: Engine, calibration: list[list
             )
     else:
         exits = exit_layers_for(layers, skip.exit_every, skip.min_depth)
+    classifiers = engine.exit_classifiers
+    if skip.kv_fill == "translated" and (classifiers is None or classifiers.translators is None):
+        raise ValueError(
+            "skip.kv_fill=translated fills K/V from the exit translators, which these exit classifiers do "
+            "not carry; use classifiers from jobs.train_exits translate=true or skip.kv_fill=decoupled"
+        )
     kv = kv_fraction(engine.adapter)
     threshold, predicted, controller = skip.threshold, None, None
     if threshold is None or skip.controller:

@@ -15,11 +15,9 @@ import torch
 
 import skipengine.adaptive as new_adaptive
 import skipengine.engine as engine_module
-from jobs.common import task_config
+from jobs.common import aclsum_test_prompts
 from pipeline.config import SkipConfig
-from pipeline.corpora import read_aclsum
 from pipeline.generator import adaptive_engine, build_adaptive_plan
-from pipeline.prompts import PromptBuilder
 from skipengine import SamplingParams, full_plan, load_model
 
 
@@ -58,8 +56,7 @@ if __name__ == "__main__":
         controller=False,
     )
     engine = adaptive_engine(SkipConfig(**exits), model, tokenizer)
-    builder = PromptBuilder(task_config("summarize"), engine.tokenizer)
-    prompts = [builder.build(r["abstract"]).ids for r in read_aclsum("test")]
+    prompts = aclsum_test_prompts(engine.tokenizer)
     sampling = SamplingParams(max_new_tokens=48, ignore_eos=True)
     for batch in batches:
         plans = {"full depth": full_plan(engine.num_layers)}

@@ -7,11 +7,9 @@ import sys
 import torch
 
 import skipengine.adaptive as adaptive
-from jobs.common import task_config
+from jobs.common import aclsum_test_prompts
 from pipeline.config import SkipConfig
-from pipeline.corpora import read_aclsum
 from pipeline.generator import adaptive_engine, build_adaptive_plan
-from pipeline.prompts import PromptBuilder
 from skipengine import SamplingParams, load_model
 
 
@@ -34,8 +32,7 @@ if __name__ == "__main__":
         target_speedup=1.25,
     )
     engine = adaptive_engine(skip, model, tokenizer)
-    builder = PromptBuilder(task_config("summarize"), engine.tokenizer)
-    prompts = [builder.build(r["abstract"]).ids for r in read_aclsum("test")]
+    prompts = aclsum_test_prompts(engine.tokenizer)
     plan = build_adaptive_plan(skip, engine, prompts[:16])
     adaptive.leaving = marked("EXIT CHECK", adaptive.leaving)
     adaptive.fill_deeper_kv = marked("K/V FILL", adaptive.fill_deeper_kv)

@@ -86,7 +86,8 @@ def fit_translators(states: dict[int, torch.Tensor], last: torch.Tensor, ridge: 
     """Per exit layer, the affine map (weight [D, D], bias [D]) that best predicts the last layer's output
     [N, D] from the exit state [N, D]: least squares, ridge relative to the mean feature energy. A token
     leaving early takes its prediction from this estimate instead of its raw state (a tuned lens): on
-    SmolLM2 the prediction after layer 5 then equals the final one for 36% of tokens instead of 4%."""
+    SmolLM2's ACLSum train traces the prediction after layer 5 then equals the final one for 39.5% of
+    tokens instead of 4.6% (README, ADEPT)."""
     out = {}
     target = last.double()
     for e, hidden in states.items():
@@ -116,7 +117,7 @@ def train_exit_classifiers(
             for e, (weight, bias) in translators.items():
                 classifiers.translators[str(e)].weight.copy_(weight.T)  # Linear stores [out, in]
                 classifiers.translators[str(e)].bias.copy_(bias)
-    optimizer = torch.optim.Adam(classifiers.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(classifiers.heads.parameters(), lr=lr)  # translators stay as fit
     for step in range(steps):
         loss = sum(
             F.binary_cross_entropy_with_logits(classifiers(e, x), y) for e, (x, y) in traces.items()

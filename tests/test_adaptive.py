@@ -406,7 +406,7 @@ def test_calms_confidence_calibrates_and_holds_a_target_like_the_classifiers(eng
     assert out.stats.decode_layers_per_token < L
 
 
-def test_min_depth_keeps_the_classifiers_later_exit_points_only(engine):
+def test_min_depth_keeps_later_exit_points_and_translated_fill_needs_translators(engine):
     from pipeline.config import SkipConfig
     from pipeline.generator import build_adaptive_plan
 
@@ -415,4 +415,7 @@ def test_min_depth_keeps_the_classifiers_later_exit_points_only(engine):
     assert build_adaptive_plan(skip, engine, []).exit_layers == (3, 5)
     skip.min_depth = 7
     with pytest.raises(ValueError, match="skip.min_depth=7 leaves none"):
+        build_adaptive_plan(skip, engine, [])
+    skip.min_depth, skip.kv_fill = 4, "translated"  # these classifiers carry no translators
+    with pytest.raises(ValueError, match="skip.kv_fill=translated"):
         build_adaptive_plan(skip, engine, [])
