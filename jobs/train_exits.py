@@ -3,7 +3,8 @@ text: a finished jobs.generate run's prompts and outputs (run_dir=...), i.e. you
 reads and writes it. Writes `out` (a safetensors file tied to the model) and prints per-exit stats.
 adapter=<an exit-aware adapter, jobs.finetune strategy=adaptive>: trained on the model with it merged,
 and tied to it (skip.adapter=auto then loads that adapter with these classifiers). translate=true (the
-default) also fits a translator per exit point, the state a leaving token's prediction is read from."""
+default) also fits a translator per exit point, the state a leaving token's prediction is read from, and
+the per-dimension coefficients of skip.kv_fill=fitted."""
 
 from __future__ import annotations
 
@@ -18,7 +19,13 @@ from skipengine import load_model
 from skipengine.adapters import adapter_for
 from skipengine.adaptive import AdaptivePlan, exit_layers_for
 from skipengine.control import kv_fraction
-from skipengine.exits import exit_traces, oracle_speedup, save_exit_classifiers, train_exit_classifiers
+from skipengine.exits import (
+    exit_traces,
+    fit_kv_fill,
+    oracle_speedup,
+    save_exit_classifiers,
+    train_exit_classifiers,
+)
 from skipengine.lora import load_adapter
 from skipengine.perplexity import windows
 
@@ -39,9 +46,13 @@ def main(cfg: DictConfig) -> None:
         model = load_adapter(model, cfg.adapter, AdaptivePlan(model.config.num_hidden_layers, exits))
     log.info("%d windows of %d tokens, exit points after layers %s", len(chunks), cfg.window_tokens, exits)
     traces, translators = exit_traces(model, chunks, exits, translate=cfg.translate)
+    fill = None
+    if translators:  # kv_fill="fitted" estimates deeper layers' inputs from the exit and translated states
+        log.info("fitting the K/V fill coefficients (a second pass over the windows)")
+        fill = fit_kv_fill(model, chunks, translators)
     config = model.config
     classifiers, stats = train_exit_classifiers(
-        traces, config.hidden_size, cfg.steps, cfg.lr, cfg.width, translators=translators
+        traces, config.hidden_size, cfg.steps, cfg.lr, cfg.width, translators=translators, fill=fill
     )
     ceiling = oracle_speedup(traces, config.num_hidden_layers, kv_fraction(adapter_for(model, pack=False)))
     save_exit_classifiers(

@@ -187,6 +187,15 @@ def build_adaptive_plan(skip: SkipConfig, engine: Engine, calibration: list[list
             "skip.kv_fill=translated fills K/V from the exit translators, which these exit classifiers do "
             "not carry; use classifiers from jobs.train_exits translate=true or skip.kv_fill=decoupled"
         )
+    if skip.kv_fill == "fitted" and (
+        classifiers is None or classifiers.fill is None or not set(exits) <= set(classifiers.exit_layers)
+    ):
+        raise ValueError(
+            "skip.kv_fill=fitted estimates deeper layers' inputs with coefficients fit for the exit "
+            "classifiers' exit points, which these classifiers do not carry (or not for these exit points); "
+            "use classifiers from jobs.train_exits translate=true (re-run it for files from before the fill) "
+            "or skip.kv_fill=decoupled"
+        )
     kv = kv_fraction(engine.adapter)
     threshold, predicted, controller = skip.threshold, None, None
     if threshold is None or skip.controller:

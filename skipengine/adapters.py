@@ -117,18 +117,18 @@ class LlamaFamilyAdapter:
         self, layers: range, hidden: torch.Tensor, ropes: dict[str, tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [J, N, KV, D] of `layers` (a contiguous range) for tokens whose input to all of them is
-        hidden [N, hidden] (an exit state), as one batched product: the RMS normalization is shared, only
-        the norm weights and the K/V projections differ per layer. ropes: per layer type, cos and sin
-        [N, D]."""
+        hidden [N, hidden] (an exit state), or to each layer its own hidden [J, N, hidden], as one batched
+        product: only the norm weights and the K/V projections differ per layer. ropes: per layer type,
+        cos and sin [N, D]."""
         norms, weights, biases = self._kv_stack()
         # the deeper layers are a contiguous run: slicing the stacks is a view, indexing would copy weights
         idx = slice(layers.start, layers.stop)
         x = F.rms_norm(hidden, hidden.shape[-1:], eps=self.layers[0].input_layernorm.variance_epsilon)
-        x = x[None] * norms[idx][:, None]  # [J, N, hidden]
+        x = (x if x.dim() == 3 else x[None]) * norms[idx][:, None]  # [J, N, hidden]
         kv = torch.bmm(x, weights[idx].transpose(1, 2))  # [J, N, 2 KV D]
         if biases is not None:
             kv = kv + biases[idx][:, None]
-        k, v = kv.view(len(layers), hidden.shape[0], 2 * self.num_kv_heads, self.head_dim).chunk(2, dim=2)
+        k, v = kv.view(len(layers), hidden.shape[-2], 2 * self.num_kv_heads, self.head_dim).chunk(2, dim=2)
         cos, sin = ropes[self.layer_types[0]]  # one rotary table for the whole Llama family
         return rotate(k, cos[None], sin[None]), v
 
@@ -206,11 +206,11 @@ class Gemma3Adapter(LlamaFamilyAdapter):
         """As the Llama version, one layer at a time: (1 + w) norms in fp32, a k-norm per layer and a
         rotary table per layer type make the batched form not worth its code at 18 layers."""
         keys, values = [], []
-        for i in layers:
+        for j, i in enumerate(layers):
             attn = self.layers[i].self_attn
-            x = self.norm(self.layers[i].input_layernorm, hidden)
-            k = F.linear(x, attn.k_proj.weight).view(hidden.shape[0], self.num_kv_heads, self.head_dim)
-            v = F.linear(x, attn.v_proj.weight).view(hidden.shape[0], self.num_kv_heads, self.head_dim)
+            x = self.norm(self.layers[i].input_layernorm, hidden[j] if hidden.dim() == 3 else hidden)
+            k = F.linear(x, attn.k_proj.weight).view(x.shape[0], self.num_kv_heads, self.head_dim)
+            v = F.linear(x, attn.v_proj.weight).view(x.shape[0], self.num_kv_heads, self.head_dim)
             cos, sin = ropes[self.layer_types[i]]
             keys.append(rotate(self.norm(attn.k_norm, k)[None], cos[None], sin[None])[0])
             values.append(v)

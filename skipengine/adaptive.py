@@ -9,7 +9,10 @@ CALM's state propagation (copy h_e as the input of each deeper layer) gives the 
 one layer after another: kv_fill="propagate" runs it that way so the two can be compared. kv_fill="exact"
 is the reference: exited tokens keep running every layer for their K and V (no saving), only their
 prediction is taken at the exit. kv_fill="translated" is the decoupled fill from the translated exit state
-(skipengine.exits: translators) instead of the raw one.
+(skipengine.exits: translators) instead of the raw one. kv_fill="fitted" estimates each deeper layer's
+input from the exit state and its translation, per dimension, with coefficients fit on full-depth traces
+    x_l = a_el * h_e + b_el * T(h_e) + c_el,   K_l, V_l from x_l as above,
+still one batched product: only the input differs per layer.
 
 Work falls as tokens exit: once some token of the batch has left, a prefill layer runs its projections
 and MLP on the gathered still-active tokens only (attention still sees every cached key); a decode layer
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
     from skipengine.control import SpeedupController
 
 CRITERIA = ("classifier", "confidence", "fixed")  # fixed: every token leaves at the first exit point
-KV_FILLS = ("decoupled", "propagate", "exact", "translated")
+KV_FILLS = ("decoupled", "propagate", "exact", "translated", "fitted")
 
 
 @dataclass(frozen=True)
@@ -99,10 +102,16 @@ class ExitClassifiers(torch.nn.Module):
     """One small MLP per exit point: P(the prediction at this depth already equals the final one),
     from the final-normed hidden state. Costs ~D*64 multiply-adds, against D*V for an LM-head check.
     With translate, also one affine translator per exit point (D*D multiply-adds, paid only by the
-    tokens that leave): the state a leaving token's prediction is read from (skipengine.exits)."""
+    tokens that leave): the state a leaving token's prediction is read from (skipengine.exits).
+    With fill_layers (the model's layer count), also the per-dimension coefficients of kv_fill="fitted"."""
 
     def __init__(
-        self, hidden_size: int, exit_layers: tuple[int, ...], width: int = 64, translate: bool = False
+        self,
+        hidden_size: int,
+        exit_layers: tuple[int, ...],
+        width: int = 64,
+        translate: bool = False,
+        fill_layers: int = 0,
     ):
         super().__init__()
         self.exit_layers = tuple(exit_layers)
@@ -119,6 +128,9 @@ class ExitClassifiers(torch.nn.Module):
             self.translators = torch.nn.ModuleDict(
                 {str(layer): torch.nn.Linear(hidden_size, hidden_size) for layer in self.exit_layers}
             )
+        # [E, L, 3, D]: (a, b, c) of x_l = a * h_e + b * T(h_e) + c, zero for l <= e; None without
+        fill = torch.zeros(len(self.exit_layers), fill_layers, 3, hidden_size) if fill_layers else None
+        self.register_buffer("fill", fill)
 
     def forward(self, layer: int, normed: torch.Tensor) -> torch.Tensor:
         """normed: [N, D] -> logits [N]."""
@@ -128,6 +140,15 @@ class ExitClassifiers(torch.nn.Module):
         """hidden: [N, D] after `layer` -> [N, D] the state the final norm and LM head read for a token
         leaving there: the translator's estimate of the last layer's output, or hidden itself."""
         return hidden if self.translators is None else self.translators[str(layer)](hidden)
+
+    def deeper_inputs(
+        self, exit_index: torch.Tensor, layers: range, raw: torch.Tensor, translated: torch.Tensor
+    ) -> torch.Tensor:
+        """exit_index [N] (position of each token's exit layer in exit_layers), raw and translated exit
+        states [N, D] -> [J, N, D] the estimated input of each of `layers` (kv_fill="fitted")."""
+        coef = self.fill[exit_index, layers.start : layers.stop]  # [N, J, 3, D]
+        x = coef[:, :, 0] * raw[:, None] + coef[:, :, 1] * translated[:, None] + coef[:, :, 2]
+        return x.transpose(0, 1)
 
 
 def exit_scores(engine, criterion: str, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -156,13 +177,19 @@ def leaving(engine, plan: AdaptivePlan, layer: int, hidden: torch.Tensor) -> tor
     return exit_scores(engine, plan.criterion, layer, hidden) >= plan.threshold
 
 
-def fill_deeper_kv(engine, plan: AdaptivePlan, layer: int, hidden, rows, cols, ropes, start, cache) -> None:
+def fill_deeper_kv(
+    engine, plan: AdaptivePlan, layer: int, hidden, rows, cols, ropes, start, cache, fitted=None
+) -> None:
     """Writes the K and V of layers > layer for exiting tokens (hidden [N, D] at batch rows `rows`,
-    query columns `cols`) into the cache, computed from their exit hidden state."""
+    query columns `cols`) into the cache, computed from their exit hidden state. fitted (kv_fill="fitted"):
+    (exit index [N], raw [N, D], translated [N, D]) of those tokens, whose estimated inputs are used."""
     ad = engine.adapter
     deeper = range(layer + 1, ad.num_layers)
     sel = {kind: (cos[rows, cols], sin[rows, cols]) for kind, (cos, sin) in ropes.items()}  # [N, hd]
-    if plan.kv_fill in ("decoupled", "translated"):
+    if plan.kv_fill == "fitted":
+        inputs = engine.exit_classifiers.deeper_inputs(fitted[0], deeper, *fitted[1:])  # [J, N, D]
+        keys, values = ad.decoupled_kv(deeper, inputs, sel)
+    elif plan.kv_fill in ("decoupled", "translated"):
         keys, values = ad.decoupled_kv(deeper, hidden, sel)  # [J, N, KV, hd] each, one batched product
     else:  # "propagate": the exit state as each deeper layer's input, one layer after another
         keys, values = [], []
@@ -221,12 +248,22 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
     active_rows = None  # decode: indices of the rows still computing, once some have left
     out = torch.empty_like(hidden)
     exits = set(plan.exit_layers)
+    fitted = plan.kv_fill == "fitted"
+    if fitted:  # the exit states and exit points the deeper layers' inputs are estimated from
+        classifiers = engine.exit_classifiers
+        raw = torch.empty_like(hidden)
+        exit_index = torch.zeros(batch, seq, dtype=torch.long, device=hidden.device)
+        frozen_rows = None  # decode: the rows that have left
     for i in range(ad.num_layers):
         if n_computing == 0:
             break
         if n_computing == batch * seq:
             hidden = engine.layer(i, hidden, ropes, masks, start, cache)
         elif seq == 1:
+            if fitted:  # a row that left writes layer i's K/V from its estimated input to layer i
+                hidden[frozen_rows, 0] = classifiers.deeper_inputs(
+                    exit_index[frozen_rows, 0], range(i, i + 1), raw[frozen_rows, 0], out[frozen_rows, 0]
+                )[0]
             hidden = engine.layer(i, hidden, ropes, masks, start, cache, active=active_rows)
         else:
             rows, cols = computing.nonzero(as_tuple=True)
@@ -239,6 +276,9 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
                 out[rows, cols] = exit_state(engine, i, hidden[rows, cols])
                 if plan.kv_fill == "translated":  # the deeper K/V come from the translated state
                     hidden[rows, cols] = out[rows, cols]
+                if fitted:
+                    raw[rows, cols] = hidden[rows, cols]
+                    exit_index[rows, cols] = classifiers.exit_layers.index(i)
                 deciding[rows, cols] = False
                 n_deciding -= rows.numel()
                 if plan.kv_fill != "exact":
@@ -246,13 +286,19 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
                     n_computing -= rows.numel()
                     depth[rows, cols] = i + 1
                     if seq > 1:
-                        fill_deeper_kv(engine, plan, i, hidden[rows, cols], rows, cols, ropes, start, cache)
+                        fit = (exit_index[rows, cols], raw[rows, cols], out[rows, cols]) if fitted else None
+                        fill_deeper_kv(
+                            engine, plan, i, hidden[rows, cols], rows, cols, ropes, start, cache, fit
+                        )
                     elif n_computing:
                         active_rows = computing[:, 0].nonzero()[:, 0]
+                        if fitted:
+                            frozen_rows = (~computing[:, 0]).nonzero()[:, 0]
                     else:  # every row has left: the layers below were not run, fill them for all
                         every = torch.arange(batch, device=hidden.device)
                         zero = torch.zeros_like(every)
-                        fill_deeper_kv(engine, plan, i, hidden[:, 0], every, zero, ropes, start, cache)
+                        fit = (exit_index[:, 0], raw[:, 0], out[:, 0]) if fitted else None
+                        fill_deeper_kv(engine, plan, i, hidden[:, 0], every, zero, ropes, start, cache, fit)
     out[deciding] = hidden[deciding]
     return out, depth
 

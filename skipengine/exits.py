@@ -7,7 +7,8 @@ hidden state, so the decision costs a tiny MLP instead of an LM-head pass.
 
 Optionally (translate=True) each exit point also gets a translator: an affine map, fit by least squares on
 the same traces, from the exit state to the last layer's output. A leaving token's prediction is read
-from the translated state, and the labels are computed from it. The raw state still fills the deeper K/V.
+from the translated state, and the labels are computed from it. The raw state still fills the deeper K/V,
+unless kv_fill="fitted" (fit_kv_fill): then each deeper layer's input is estimated from both states.
 
 Classifiers read the hidden states of the model they were trained on: trained on a model with an
 exit-aware adapter merged (jobs.finetune strategy=adaptive), the file records that adapter, and loading
@@ -99,6 +100,41 @@ def fit_translators(states: dict[int, torch.Tensor], last: torch.Tensor, ridge: 
     return out
 
 
+@torch.no_grad()
+def fit_kv_fill(
+    model: nn.Module,
+    token_windows: Sequence[Sequence[int]],
+    translators: Translators,
+    batch_size: int = 8,
+    ridge: float = 1e-6,
+) -> torch.Tensor:
+    """[E, L, 3, D], the coefficients of kv_fill="fitted": per exit layer e (translators' order), deeper
+    layer l and dimension, the least-squares (a, b, c) of x_l ~ a * h_e + b * T(h_e) + c over full-depth
+    traces, x_l being layer l's input. The raw fill, (1, 0, 0), is one candidate: on the traces the fit
+    is never further from x_l. A second pass over the windows, since T is fit on the first."""
+    hf = base_model(model)
+    exits, num_layers, dim = tuple(translators), hf.config.num_hidden_layers, hf.config.hidden_size
+    gram = torch.zeros(len(exits), dim, 3, 3, dtype=torch.double)  # shared by every deeper layer
+    rhs = torch.zeros(len(exits), num_layers, dim, 3, dtype=torch.double)
+    for i in range(0, len(token_windows), batch_size):
+        ids = torch.tensor([list(w) for w in token_windows[i : i + batch_size]], device=hf.device)
+        states = hf.model(input_ids=ids, output_hidden_states=True).hidden_states
+        inputs = [s.flatten(0, 1).double().cpu() for s in states[:num_layers]]  # layer l's input: [N, D]
+        for k, e in enumerate(exits):
+            weight, bias = translators[e]
+            h = inputs[e + 1]  # after layer e
+            x = torch.stack([h, h @ weight.double() + bias.double(), torch.ones_like(h)], -1)  # [N, D, 3]
+            gram[k] += torch.einsum("ndi,ndj->dij", x, x)
+            for layer in range(e + 1, num_layers):
+                rhs[k, layer] += torch.einsum("ndi,nd->di", x, inputs[layer])
+    gram += ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(3, dtype=gram.dtype)
+    coef = torch.zeros(len(exits), num_layers, 3, dim)
+    for k, e in enumerate(exits):
+        solved = torch.linalg.solve(gram[k][None], rhs[k, e + 1 :, :, :, None])[..., 0]  # [J, D, 3]
+        coef[k, e + 1 :] = solved.transpose(1, 2).float()
+    return coef
+
+
 def train_exit_classifiers(
     traces: dict[int, tuple[torch.Tensor, torch.Tensor]],
     hidden_size: int,
@@ -107,16 +143,24 @@ def train_exit_classifiers(
     width: int = 64,
     seed: int = 0,
     translators: Translators | None = None,
+    fill: torch.Tensor | None = None,
 ) -> tuple[ExitClassifiers, dict]:
     """(classifiers, per-exit-layer stats: positive rate and training accuracy) from exit_traces; the
-    translators exit_traces fit, if any, ride along in the same module."""
+    translators exit_traces fit and the fit_kv_fill coefficients, if any, ride along in the module."""
     torch.manual_seed(seed)
-    classifiers = ExitClassifiers(hidden_size, tuple(traces), width, translate=translators is not None)
-    if translators:
-        with torch.no_grad():
-            for e, (weight, bias) in translators.items():
-                classifiers.translators[str(e)].weight.copy_(weight.T)  # Linear stores [out, in]
-                classifiers.translators[str(e)].bias.copy_(bias)
+    classifiers = ExitClassifiers(
+        hidden_size,
+        tuple(traces),
+        width,
+        translate=translators is not None,
+        fill_layers=0 if fill is None else fill.shape[1],
+    )
+    with torch.no_grad():
+        for e, (weight, bias) in (translators or {}).items():
+            classifiers.translators[str(e)].weight.copy_(weight.T)  # Linear stores [out, in]
+            classifiers.translators[str(e)].bias.copy_(bias)
+        if fill is not None:
+            classifiers.fill.copy_(fill)
     optimizer = torch.optim.Adam(classifiers.heads.parameters(), lr=lr)  # translators stay as fit
     for step in range(steps):
         loss = sum(
@@ -160,6 +204,7 @@ def save_exit_classifiers(
         "exit_layers": json.dumps(list(classifiers.exit_layers)),
         "width": str(first[0].out_features),
         "translate": "1" if classifiers.translators is not None else "0",
+        "fill_layers": str(0 if classifiers.fill is None else classifiers.fill.shape[1]),
         # relative to this file, so the pair can move together (and actors resolve it anywhere)
         "adapter": os.path.relpath(adapter, path.parent) if adapter else "",
         "adapter_id": adapter_id(adapter) if adapter else "",
@@ -202,7 +247,13 @@ def load_exit_classifiers(path: str | Path, model: nn.Module, adapter: str | Non
         )
     hidden_size = base_model(model).config.hidden_size
     exits = tuple(json.loads(meta["exit_layers"]))
-    classifiers = ExitClassifiers(hidden_size, exits, int(meta["width"]), meta.get("translate") == "1")
+    classifiers = ExitClassifiers(
+        hidden_size,
+        exits,
+        int(meta["width"]),
+        translate=meta.get("translate") == "1",
+        fill_layers=int(meta.get("fill_layers", 0)),
+    )
     classifiers.load_state_dict(load_file(str(path)))
     param = next(base_model(model).parameters())
     return classifiers.to(param.device, param.dtype).eval()

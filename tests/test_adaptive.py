@@ -12,6 +12,7 @@ from skipengine.cache import StaticKVCache
 from skipengine.depth import exit_runs, sample_exit_depths, token_depth
 from skipengine.exits import (
     exit_traces,
+    fit_kv_fill,
     fit_translators,
     load_exit_classifiers,
     oracle_speedup,
@@ -118,8 +119,9 @@ def test_exit_classifiers_train_save_load_and_refuse_another_model(tmp_path, lla
     exits = exit_layers_for(L, 2, 2)
     traces, translators = exit_traces(llama, windows, exits, translate=translate)
     assert (translators is not None) == translate
+    fill = fit_kv_fill(llama, windows, translators) if translate else None
     classifiers, stats = train_exit_classifiers(
-        traces, llama.config.hidden_size, steps=60, translators=translators
+        traces, llama.config.hidden_size, steps=60, translators=translators, fill=fill
     )
     assert set(stats) == set(exits) and all(0 <= s["accuracy"] <= 1 for s in stats.values())
     assert 1.0 <= oracle_speedup(traces, L, 0.0) <= L / (exits[0] + 1)
@@ -134,8 +136,9 @@ def test_exit_classifiers_train_save_load_and_refuse_another_model(tmp_path, lla
         if translate:
             weight, bias = translators[exits[0]]
             torch.testing.assert_close(loaded.exit_state(exits[0], x), x @ weight + bias)
+            torch.testing.assert_close(loaded.fill, fill)
         else:
-            assert loaded.exit_state(exits[0], x) is x
+            assert loaded.exit_state(exits[0], x) is x and loaded.fill is None
     other = build_llama(tokenizer, seed=1)
     with pytest.raises(ValueError, match="different base model"):
         load_exit_classifiers(path, other)
@@ -189,6 +192,91 @@ def test_translated_fill_writes_the_deeper_kv_of_the_translated_state(llama, tok
         n = cache.slot[layer]
         torch.testing.assert_close(cache.keys[n][0, :, : len(prompt)], keys[j].transpose(0, 1))
         torch.testing.assert_close(cache.values[n][0, :, : len(prompt)], values[j].transpose(0, 1))
+
+
+WINDOWS = [[(7 * i + 3 * j) % 200 + 5 for j in range(24)] for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def fitted_engine(llama, tokenizer):
+    """Random exit heads (so some tokens exit) with translators and K/V fill fit on the tiny Llama."""
+    traces, translators = exit_traces(llama, WINDOWS, exit_layers_for(L, 2, 2), translate=True)
+    fill = fit_kv_fill(llama, WINDOWS, translators)
+    classifiers, _ = train_exit_classifiers(
+        traces, llama.config.hidden_size, steps=0, translators=translators, fill=fill
+    )
+    engine = Engine(llama, tokenizer)
+    engine.exit_classifiers = classifiers
+    return engine
+
+
+def test_fitted_fill_is_never_further_from_a_deeper_layers_input_than_the_raw_exit_state(
+    fitted_engine, llama
+):
+    classifiers = fitted_engine.exit_classifiers
+    with torch.no_grad():
+        states = llama.model(input_ids=torch.tensor(WINDOWS), output_hidden_states=True).hidden_states
+        for k, e in enumerate(classifiers.exit_layers):
+            assert not classifiers.fill[k, : e + 1].any()  # no coefficients for layers a token has run
+            raw = states[e + 1].flatten(0, 1)  # after layer e: [N, D]
+            translated = classifiers.exit_state(e, raw)
+            index = torch.full((len(raw),), k)
+            estimate = classifiers.deeper_inputs(index, range(e + 1, L), raw, translated)  # [J, N, D]
+            for j, layer in enumerate(range(e + 1, L)):
+                true = states[layer].flatten(0, 1)  # layer's input
+                slack = 1e-6 * (true**2).sum()  # the ridge; at layer e + 1 the raw state is exact
+                assert ((estimate[j] - true) ** 2).sum() <= ((raw - true) ** 2).sum() + slack
+
+
+def test_fitted_fill_writes_the_kv_of_each_layers_estimated_input(fitted_engine, llama, prompts):
+    engine, prompt, exit_at = fitted_engine, prompts[0], 3
+    ad, classifiers = engine.adapter, engine.exit_classifiers
+    cache = StaticKVCache(range(L), 1, ad.num_kv_heads, 64, ad.head_dim, torch.float32, "cpu")
+    decoupled = StaticKVCache(range(L), 1, ad.num_kv_heads, 64, ad.head_dim, torch.float32, "cpu")
+    out, _ = run_forward(engine, prompt, plan("fixed", 0, "fitted", exits=(exit_at,)), cache)
+    run_forward(engine, prompt, plan("fixed", 0, "decoupled", exits=(exit_at,)), decoupled)
+    deeper = range(exit_at + 1, L)
+    with torch.no_grad():
+        hidden = ad.embed(torch.tensor([prompt]))
+        positions = torch.arange(len(prompt))[None]
+        ropes, _ = engine.layer_inputs(hidden, positions, torch.zeros(1, dtype=torch.long), 0, range(L))
+        sel = {kind: (cos[0], sin[0]) for kind, (cos, sin) in ropes.items()}
+        raw = llama.model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states[
+            exit_at + 1
+        ][0]
+        index = torch.full((len(prompt),), classifiers.exit_layers.index(exit_at))
+        inputs = classifiers.deeper_inputs(index, deeper, raw, out[0])  # out: the translated states
+        keys, values = ad.decoupled_kv(deeper, inputs, sel)  # [J, T, KV, hd]
+    for j, layer in enumerate(deeper):
+        n = cache.slot[layer]
+        torch.testing.assert_close(cache.keys[n][0, :, : len(prompt)], keys[j].transpose(0, 1))
+        torch.testing.assert_close(cache.values[n][0, :, : len(prompt)], values[j].transpose(0, 1))
+        assert not torch.allclose(cache.values[n], decoupled.values[n])  # not the raw state's K/V
+    for layer in range(exit_at + 1):  # the layers the tokens ran are exact either way
+        n = cache.slot[layer]
+        torch.testing.assert_close(cache.keys[n], decoupled.keys[n])
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.45])
+def test_fitted_fill_is_batch_invariant_and_one_pass_equals_decoding(fitted_engine, prompts, threshold):
+    engine, p = fitted_engine, plan(threshold=threshold, kv_fill="fitted")
+    batched = engine.generate(prompts, p, greedy())  # rows leave at different layers: frozen rows
+    assert batched.stats.decode_layers_per_token < L  # exits happen
+    for prompt, row in zip(prompts, batched.rows, strict=True):
+        assert engine.generate([prompt], p, greedy()).rows[0].token_ids == row.token_ids
+    assert [r.token_ids for r in batched.rows] != [
+        r.token_ids for r in engine.generate(prompts, plan(threshold=threshold), greedy()).rows
+    ]  # the fitted K/V change what later tokens read
+    ad, ids = engine.adapter, prompts[0]
+
+    def cache():
+        return StaticKVCache(range(L), 1, ad.num_kv_heads, 64, ad.head_dim, torch.float32, "cpu")
+
+    one_pass, depth = run_forward(engine, ids, p, cache())
+    decoding = cache()
+    steps = [run_forward(engine, [t], p, decoding, start=col) for col, t in enumerate(ids)]
+    torch.testing.assert_close(one_pass, torch.cat([h for h, _ in steps], dim=1), atol=1e-5, rtol=1e-4)
+    assert depth.tolist() == torch.cat([d for _, d in steps], dim=1).tolist()
 
 
 def test_the_oracle_leaves_each_token_at_its_first_settled_exit_point():
@@ -418,4 +506,7 @@ def test_min_depth_keeps_later_exit_points_and_translated_fill_needs_translators
         build_adaptive_plan(skip, engine, [])
     skip.min_depth, skip.kv_fill = 4, "translated"  # these classifiers carry no translators
     with pytest.raises(ValueError, match="skip.kv_fill=translated"):
+        build_adaptive_plan(skip, engine, [])
+    skip.kv_fill = "fitted"  # nor fill coefficients
+    with pytest.raises(ValueError, match="skip.kv_fill=fitted"):
         build_adaptive_plan(skip, engine, [])
