@@ -142,13 +142,17 @@ class ExitClassifiers(torch.nn.Module):
         return hidden if self.translators is None else self.translators[str(layer)](hidden)
 
     def deeper_inputs(
-        self, exit_index: torch.Tensor, layers: range, raw: torch.Tensor, translated: torch.Tensor
+        self, exit_index: int | torch.Tensor, layers: range, raw: torch.Tensor, translated: torch.Tensor
     ) -> torch.Tensor:
-        """exit_index [N] (position of each token's exit layer in exit_layers), raw and translated exit
-        states [N, D] -> [J, N, D] the estimated input of each of `layers` (kv_fill="fitted")."""
-        coef = self.fill[exit_index, layers.start : layers.stop]  # [N, J, 3, D]
-        x = coef[:, :, 0] * raw[:, None] + coef[:, :, 1] * translated[:, None] + coef[:, :, 2]
-        return x.transpose(0, 1)
+        """Raw and translated exit states [N, D] -> [J, N, D] the estimated input of each of `layers`
+        (kv_fill="fitted"). exit_index: the position of the exit layer in exit_layers, one for every
+        token (prefill: they leave together) or per token [N] (decode: rows left at different layers)."""
+        span = slice(layers.start, layers.stop)
+        if isinstance(exit_index, int):
+            coef = self.fill[exit_index, span][:, None]  # [J, 1, 3, D]
+        else:
+            coef = self.fill[exit_index, span].transpose(0, 1)  # [J, N, 3, D]
+        return coef[:, :, 0] * raw + coef[:, :, 1] * translated + coef[:, :, 2]
 
 
 def exit_scores(engine, criterion: str, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -182,7 +186,7 @@ def fill_deeper_kv(
 ) -> None:
     """Writes the K and V of layers > layer for exiting tokens (hidden [N, D] at batch rows `rows`,
     query columns `cols`) into the cache, computed from their exit hidden state. fitted (kv_fill="fitted"):
-    (exit index [N], raw [N, D], translated [N, D]) of those tokens, whose estimated inputs are used."""
+    (exit index, raw [N, D], translated [N, D]) of those tokens (ExitClassifiers.deeper_inputs)."""
     ad = engine.adapter
     deeper = range(layer + 1, ad.num_layers)
     sel = {kind: (cos[rows, cols], sin[rows, cols]) for kind, (cos, sin) in ropes.items()}  # [N, hd]
@@ -286,7 +290,11 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
                     n_computing -= rows.numel()
                     depth[rows, cols] = i + 1
                     if seq > 1:
-                        fit = (exit_index[rows, cols], raw[rows, cols], out[rows, cols]) if fitted else None
+                        fit = (
+                            (classifiers.exit_layers.index(i), raw[rows, cols], out[rows, cols])
+                            if fitted
+                            else None
+                        )
                         fill_deeper_kv(
                             engine, plan, i, hidden[rows, cols], rows, cols, ropes, start, cache, fit
                         )
