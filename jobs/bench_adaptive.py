@@ -5,7 +5,8 @@ Adaptive thresholds (the exit classifiers', and CALM's LM-head confidence at the
 calibrated once per target on the first `calibration_rows` prompts and, with `controller=true`, held to the
 target step by step as the job holds them (the controller carries over from repeat to repeat); with
 `controller=false` the calibrated threshold stays fixed. Every configuration of a batch size runs once per
-repeat, in rotating order. adapter=...: an exit-aware
+repeat, in rotating order. kv_fills: the K/V fills to compare (skip.kv_fill; the first is the plain
+"adaptive" row). calm=false leaves out CALM's slow LM-head confidence. adapter=...: an exit-aware
 adapter merged for every configuration (speed does not depend on the weights' values, only on the exits).
 """
 
@@ -42,15 +43,18 @@ def main(cfg: DictConfig) -> None:
             plans[f"uniform x{target:g}"] = make_plan(
                 engine.num_layers, "uniform", target, basis="measured", cost_model=cost
             )
-            skip = SkipConfig(**adaptive, target_speedup=target, controller=cfg.controller)
-            plans[f"adaptive x{target:g}"] = build_adaptive_plan(
-                skip, engine, prompts[: cfg.calibration_rows]
+            for fill in cfg.kv_fills:  # the first fill is the plain "adaptive" row
+                skip = SkipConfig(**adaptive, target_speedup=target, controller=cfg.controller, kv_fill=fill)
+                name = f"adaptive x{target:g}" + (f" {fill}" if fill != cfg.kv_fills[0] else "")
+                plans[name] = build_adaptive_plan(skip, engine, prompts[: cfg.calibration_rows])
+        if cfg.calm:
+            first = cfg.targets[0]
+            calm = SkipConfig(
+                **adaptive, target_speedup=first, criterion="confidence", controller=cfg.controller
             )
-        first = cfg.targets[0]
-        calm = SkipConfig(**adaptive, target_speedup=first, criterion="confidence", controller=cfg.controller)
-        calm.min_depth = min(plans[f"adaptive x{first:g}"].exit_layers) + 1  # the classifiers' exit points
-        calibration = prompts[: cfg.calibration_rows]
-        plans[f"confidence (CALM) x{first:g}"] = build_adaptive_plan(calm, engine, calibration)
+            calm.min_depth = min(plans[f"adaptive x{first:g}"].exit_layers) + 1  # the classifiers' exits
+            calibration = prompts[: cfg.calibration_rows]
+            plans[f"confidence (CALM) x{first:g}"] = build_adaptive_plan(calm, engine, calibration)
         samples: dict[str, list] = {name: [] for name in plans}
         work = prompts[cfg.calibration_rows : cfg.calibration_rows + batch]
         for rep in range(cfg.repeats):
