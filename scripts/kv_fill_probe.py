@@ -7,7 +7,7 @@ token leaving after layer e, the input x_j of a deeper layer j is estimated from
     raw         x_j = h_e                                      (ADEPT's decoupled fill)
     translated  x_j = T(h_e)
     scalar      x_j = h_e + a_ej (T(h_e) - h_e)                 a_ej: one number per (e, j)
-    per-dim     x_j = a_ej * h_e + b_ej * T(h_e) + c_ej         per dimension
+    per-dim     x_j = a_ej * h_e + b_ej * T(h_e) + c_ej         per dimension (skip.kv_fill=fitted)
 and the error is ||K_j(x) - K_j(true)||^2 / ||K_j(true)||^2 (same for V), averaged over the deeper layers
 (rotary is a rotation, so it cancels out of the ratio). Prints one JSON line per exit point and fill.
 """
