@@ -1,7 +1,8 @@
 """How close do the K/V filled for an exited token come to the exact ones, by fill rule?
 
 python scripts/kv_fill_probe.py TRAIN_RUN VALID_RUN EXITS_FILE: full-depth hidden states of both runs'
-prompts and outputs (128-token windows); fills fit on TRAIN_RUN, errors reported on VALID_RUN. For a
+prompts and outputs (128-token windows); errors reported on VALID_RUN; the per-dimension fill is the one
+EXITS_FILE carries (jobs.train_exits fit it on TRAIN_RUN), the scalar one is fit here on TRAIN_RUN. For a
 token leaving after layer e, the input x_j of a deeper layer j is estimated from its exit state h_e and
 (where EXITS_FILE carries translators) its translated state T(h_e):
     raw         x_j = h_e                                      (ADEPT's decoupled fill)
@@ -25,13 +26,16 @@ from skipengine.exits import load_exit_classifiers
 from skipengine.perplexity import windows
 
 
-@torch.no_grad()
-def all_states(model, tokenizer, run_dir: str, max_windows: int) -> torch.Tensor:
-    """[L, N, D]: the input of every layer (after the embedding for layer 0) for every token."""
+def run_windows(tokenizer, run_dir: str, max_windows: int) -> list[list[int]]:
     stream = []
     for prompt, generated in run_pairs(run_dir):
         stream += tokenizer(prompt + generated, add_special_tokens=False)["input_ids"]
-    chunks = windows(stream, 128, max_windows)
+    return windows(stream, 128, max_windows)
+
+
+@torch.no_grad()
+def all_states(model, chunks: list[list[int]]) -> torch.Tensor:
+    """[L, N, D]: the input of every layer (after the embedding for layer 0) for every token."""
     per_layer = [[] for _ in range(model.config.num_hidden_layers)]
     for i in range(0, len(chunks), 8):
         out = model.model(input_ids=torch.tensor(chunks[i : i + 8]), output_hidden_states=True)
@@ -50,25 +54,19 @@ def rel_err(estimate: torch.Tensor, true: torch.Tensor) -> float:
     return float(((estimate - true) ** 2).sum() / (true**2).sum())
 
 
-def fit(h: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> dict:
-    """Both fills' coefficients from exit states h, translated t and true inputs target, all [N, D]."""
+def scalar_fit(h: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> float:
+    """The least-squares a of target ~ h + a (t - h), all [N, D]."""
     delta = t - h
-    scalar = float((delta * (target - h)).sum() / (delta * delta).sum())
-    x = torch.stack([h, t, torch.ones_like(h)], -1).double()  # [N, D, 3]
-    gram = torch.einsum("ndi,ndk->dik", x, x)  # [D, 3, 3]
-    gram += 1e-6 * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(3, dtype=gram.dtype)
-    rhs = torch.einsum("ndi,nd->di", x, target.double())  # [D, 3]
-    per_dim = torch.linalg.solve(gram, rhs[..., None])[..., 0].float()  # [D, 3]
-    return {"scalar": scalar, "per_dim": per_dim}
+    return float((delta * (target - h)).sum() / (delta * delta).sum())
 
 
-def fills(h: torch.Tensor, t: torch.Tensor, coef: dict) -> dict[str, torch.Tensor]:
-    a = coef["per_dim"]
+def fills(h: torch.Tensor, t: torch.Tensor, scalar: float, per_dim: torch.Tensor) -> dict[str, torch.Tensor]:
+    """per_dim: [3, D], one (exit, layer) slice of fit_kv_fill's coefficients."""
     return {
         "raw": h,
         "translated": t,
-        "scalar": h + coef["scalar"] * (t - h),
-        "per_dim": a[:, 0] * h + a[:, 1] * t + a[:, 2],
+        "scalar": h + scalar * (t - h),
+        "per_dim": per_dim[0] * h + per_dim[1] * t + per_dim[2],
     }
 
 
@@ -76,20 +74,22 @@ def main(train_run: str, valid_run: str, exits_file: str, max_windows: int = 200
     setup(2)
     model, tokenizer = load_model("smollm2-135m-instruct", "cpu", "float32")
     classifiers = load_exit_classifiers(exits_file, model)
-    if classifiers.translators is None:
-        raise SystemExit(f"{exits_file} carries no translators")
-    train = all_states(model, tokenizer, train_run, max_windows)
-    valid = all_states(model, tokenizer, valid_run, max_windows)
+    if classifiers.fill is None:
+        raise SystemExit(
+            f"{exits_file} carries no translators and K/V fill (jobs.train_exits translate=true)"
+        )
+    per_dim = classifiers.fill  # [E, L, 3, D], as jobs.train_exits fit it on TRAIN_RUN
+    train = all_states(model, run_windows(tokenizer, train_run, max_windows))
+    valid = all_states(model, run_windows(tokenizer, valid_run, max_windows))
     layers = model.config.num_hidden_layers
-    for e in classifiers.exit_layers:
+    for index, e in enumerate(classifiers.exit_layers):
         translate = classifiers.translators[str(e)]
         h_fit, h_val = train[e + 1], valid[e + 1]  # after layer e
         t_fit, t_val = translate(h_fit), translate(h_val)
         errors: dict[str, list] = {}
         for j in range(e + 1, layers):
-            coef = fit(h_fit, t_fit, train[j])
             true_k, true_v = kv(model, j, valid[j])
-            for name, x in fills(h_val, t_val, coef).items():
+            for name, x in fills(h_val, t_val, scalar_fit(h_fit, t_fit, train[j]), per_dim[index, j]).items():
                 k, v = kv(model, j, x)
                 errors.setdefault(name, []).append((rel_err(k, true_k), rel_err(v, true_v)))
         for name, pairs in errors.items():

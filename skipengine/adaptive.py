@@ -186,12 +186,12 @@ def fill_deeper_kv(
 ) -> None:
     """Writes the K and V of layers > layer for exiting tokens (hidden [N, D] at batch rows `rows`,
     query columns `cols`) into the cache, computed from their exit hidden state. fitted (kv_fill="fitted"):
-    (exit index, raw [N, D], translated [N, D]) of those tokens (ExitClassifiers.deeper_inputs)."""
+    (exit index, translated states [N, D]) of those tokens (ExitClassifiers.deeper_inputs)."""
     ad = engine.adapter
     deeper = range(layer + 1, ad.num_layers)
     sel = {kind: (cos[rows, cols], sin[rows, cols]) for kind, (cos, sin) in ropes.items()}  # [N, hd]
     if plan.kv_fill == "fitted":
-        inputs = engine.exit_classifiers.deeper_inputs(fitted[0], deeper, *fitted[1:])  # [J, N, D]
+        inputs = engine.exit_classifiers.deeper_inputs(fitted[0], deeper, hidden, fitted[1])  # [J, N, D]
         keys, values = ad.decoupled_kv(deeper, inputs, sel)
     elif plan.kv_fill in ("decoupled", "translated"):
         keys, values = ad.decoupled_kv(deeper, hidden, sel)  # [J, N, KV, hd] each, one batched product
@@ -257,7 +257,7 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
         classifiers = engine.exit_classifiers
         raw = torch.empty_like(hidden)
         exit_index = torch.zeros(batch, seq, dtype=torch.long, device=hidden.device)
-        frozen_rows = None  # decode: the rows that have left
+        frozen = None  # decode: (rows that have left, their exit index, raw and translated states)
     for i in range(ad.num_layers):
         if n_computing == 0:
             break
@@ -265,8 +265,9 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
             hidden = engine.layer(i, hidden, ropes, masks, start, cache)
         elif seq == 1:
             if fitted:  # a row that left writes layer i's K/V from its estimated input to layer i
-                hidden[frozen_rows, 0] = classifiers.deeper_inputs(
-                    exit_index[frozen_rows, 0], range(i, i + 1), raw[frozen_rows, 0], out[frozen_rows, 0]
+                left, index, left_raw, left_translated = frozen
+                hidden[left, 0] = classifiers.deeper_inputs(
+                    index, range(i, i + 1), left_raw, left_translated
                 )[0]
             hidden = engine.layer(i, hidden, ropes, masks, start, cache, active=active_rows)
         else:
@@ -282,7 +283,7 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
                     hidden[rows, cols] = out[rows, cols]
                 if fitted:
                     raw[rows, cols] = hidden[rows, cols]
-                    exit_index[rows, cols] = classifiers.exit_layers.index(i)
+                    exit_index[rows, cols] = k = classifiers.exit_layers.index(i)
                 deciding[rows, cols] = False
                 n_deciding -= rows.numel()
                 if plan.kv_fill != "exact":
@@ -290,23 +291,23 @@ def adaptive_layers(engine, hidden, positions, pad, start: int, plan: AdaptivePl
                     n_computing -= rows.numel()
                     depth[rows, cols] = i + 1
                     if seq > 1:
-                        fit = (
-                            (classifiers.exit_layers.index(i), raw[rows, cols], out[rows, cols])
-                            if fitted
-                            else None
-                        )
+                        fit = (k, out[rows, cols]) if fitted else None
                         fill_deeper_kv(
                             engine, plan, i, hidden[rows, cols], rows, cols, ropes, start, cache, fit
                         )
                     elif n_computing:
                         active_rows = computing[:, 0].nonzero()[:, 0]
-                        if fitted:
-                            frozen_rows = (~computing[:, 0]).nonzero()[:, 0]
+                        if fitted:  # gathered once per exit event, not per layer
+                            left = (~computing[:, 0]).nonzero()[:, 0]
+                            frozen = (left, exit_index[left, 0], raw[left, 0], out[left, 0])
                     else:  # every row has left: the layers below were not run, fill them for all
                         every = torch.arange(batch, device=hidden.device)
                         zero = torch.zeros_like(every)
-                        fit = (exit_index[:, 0], raw[:, 0], out[:, 0]) if fitted else None
-                        fill_deeper_kv(engine, plan, i, hidden[:, 0], every, zero, ropes, start, cache, fit)
+                        # fitted: the frozen rows' hidden holds their last estimate, not the exit state
+                        states, fit = (
+                            (raw[:, 0], (exit_index[:, 0], out[:, 0])) if fitted else (hidden[:, 0], None)
+                        )
+                        fill_deeper_kv(engine, plan, i, states, every, zero, ropes, start, cache, fit)
     out[deciding] = hidden[deciding]
     return out, depth
 
