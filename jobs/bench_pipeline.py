@@ -1,6 +1,9 @@
 """python -m jobs.bench_pipeline: generated tokens/s of the bare engine vs the Ray job (one actor), same
 rows, model, plan and batch size, interleaved. Ends with one JSON line.
 
+The bare engine runs two ways: as a script in a fresh process (jobs.bare_engine), which like the job's
+actor imports torch and loads the model before it generates, and warm in this process, loaded once.
+
 job_env and job_cluster compare job variants in the same run (every pair of the two): job_env entries are
 environment for the job's Ray, set only while that job runs (local Ray starts afresh per job, so its
 daemons and workers inherit it), e.g. 'job_env=[{},{RAY_num_workers_soft_limit:"2"}]'; job_cluster entries
@@ -12,9 +15,11 @@ import json
 import logging
 import os
 import statistics
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +30,12 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from jobs.bare_engine import tokens_per_s
 from jobs.common import setup
 from pipeline.config import JobConfig
 from pipeline.corpora import BIBLE_SPLITS, read_bible, write_bible_jsonl
-from pipeline.prompts import PromptBuilder
 from pipeline.run import run_job
-from skipengine import Engine, SamplingParams, load_model, make_plan
+from skipengine import Engine, load_model
 
 
 @dataclass
@@ -45,17 +50,18 @@ ConfigStore.instance().store(name="bench_pipeline_schema", node=BenchPipelineCon
 log = logging.getLogger("bench_pipeline")
 
 
-def bare_engine_tokens_per_s(engine: Engine, cfg: JobConfig, texts: list[str]) -> float:
-    prompts = PromptBuilder(cfg.task, engine.tokenizer)
-    plan = make_plan(
-        engine.num_layers, cfg.skip.strategy, cfg.skip.target_speedup, cfg.skip.prefill, "layers"
+def bare_script(cfg: JobConfig, texts: list[str]) -> tuple[float, float]:
+    """(whole run, generation only) generated tokens/s of the bare engine as a script in a fresh process:
+    the whole run counts the interpreter, the imports and the model load, as the job's counts its actor's
+    start."""
+    request = json.dumps({"cfg": asdict(cfg), "texts": texts})
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.bare_engine"], input=request, capture_output=True, text=True, check=True
     )
-    sampling = SamplingParams(max_new_tokens=cfg.task.max_new_tokens, stop=tuple(cfg.task.stop))
-    start, tokens = time.perf_counter(), 0
-    for i in range(0, len(texts), cfg.cluster.batch_size):
-        ids = [prompts.build(t).ids for t in texts[i : i + cfg.cluster.batch_size]]
-        tokens += engine.generate(ids, plan, sampling).stats.num_generated_tokens
-    return tokens / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    result = json.loads(done.stdout)
+    return result["tokens"] / wall, result["tokens_per_s"]
 
 
 @contextmanager
@@ -97,47 +103,71 @@ def main(dcfg: DictConfig) -> None:
     engine = Engine(model, tokenizer)
     texts = [en for en, _ in pairs]
     variants = [(dict(env), dict(cluster)) for env in bench.job_env for cluster in bench.job_cluster]
-    bare = []
+    warm, script_whole, script_generate = [], [], []
     jobs = [{"env": env, "cluster": cluster, "whole": [], "batches": []} for env, cluster in variants]
-    sides = ["bare", *range(len(jobs))]
+    sides = ["bare", "script", *range(len(jobs))]
     for rep in range(dcfg.repeats):
         for side in sides if rep % 2 == 0 else sides[::-1]:
             if side == "bare":
-                bare.append(bare_engine_tokens_per_s(engine, cfg, texts))
+                warm.append(tokens_per_s(engine, cfg, texts)[0])
+            elif side == "script":
+                whole, generate = bare_script(cfg, texts)
+                script_whole.append(whole)
+                script_generate.append(generate)
             else:
                 whole, batches = job_tokens_per_s(cfg, jobs[side]["env"], jobs[side]["cluster"])
                 jobs[side]["whole"].append(whole)
                 jobs[side]["batches"].append(batches)
-            name = "bare" if side == "bare" else f"job {jobs[side]['env']} {jobs[side]['cluster']}"
+            name = side if isinstance(side, str) else f"job {jobs[side]['env']} {jobs[side]['cluster']}"
             log.info("repeat %d %s done", rep + 1, name)
-    bare_median = statistics.median(bare)
+    bare = {
+        "warm": statistics.median(warm),
+        "script_whole": statistics.median(script_whole),
+        "script_generate": statistics.median(script_generate),
+    }
     for job in jobs:
         job["tokens_per_s"] = statistics.median(job["whole"])
         job["batch_tokens_per_s"] = statistics.median(job["batches"])
-        job["vs_bare"] = job["tokens_per_s"] / bare_median
-        job["batches_vs_bare"] = job["batch_tokens_per_s"] / bare_median
+        job["vs_script"] = job["tokens_per_s"] / bare["script_whole"]
+        job["batches_vs_script"] = job["batch_tokens_per_s"] / bare["script_generate"]
+        job["vs_warm"] = job["tokens_per_s"] / bare["warm"]
+        job["batches_vs_warm"] = job["batch_tokens_per_s"] / bare["warm"]
     first = jobs[0]
     row = {
         "rows": dcfg.rows,
         "batch_size": cfg.cluster.batch_size,
         "plan": f"{cfg.skip.strategy} x{cfg.skip.target_speedup} (layers)",
-        "bare_tokens_per_s": bare_median,
+        "bare_warm_tokens_per_s": bare["warm"],
+        "bare_script_tokens_per_s": bare["script_whole"],
+        "bare_script_generate_tokens_per_s": bare["script_generate"],
         "job_tokens_per_s": first["tokens_per_s"],
         "job_batch_tokens_per_s": first["batch_tokens_per_s"],
-        "job_vs_bare": first["vs_bare"],
-        "job_batches_vs_bare": first["batches_vs_bare"],
-        "samples": {"bare": bare, "jobs": jobs},
+        "job_vs_script": first["vs_script"],
+        "job_batches_vs_script": first["batches_vs_script"],
+        "job_vs_warm": first["vs_warm"],
+        "job_batches_vs_warm": first["batches_vs_warm"],
+        "samples": {
+            "warm": warm,
+            "script_whole": script_whole,
+            "script_generate": script_generate,
+            "jobs": jobs,
+        },
     }
     pq.write_table(
         pa.Table.from_pylist([{k: v for k, v in row.items() if k != "samples"}]),
         run_dir / "bench_pipeline.parquet",
     )
+    print(
+        f"bare engine: as a script in a fresh process {bare['script_whole']:.1f} tok/s (start and model load "
+        f"included; {bare['script_generate']:.1f} tok/s generating) | warm, in this process "
+        f"{bare['warm']:.1f} tok/s"
+    )
     for job in jobs:
         print(
-            f"bare engine {bare_median:.1f} tok/s | Ray job {json.dumps(job['env'])} "
-            f"{json.dumps(job['cluster'])} "
-            f"{job['tokens_per_s']:.1f} tok/s ({job['vs_bare']:.2f}x, actor start and model load included) | "
-            f"its batches {job['batch_tokens_per_s']:.1f} tok/s ({job['batches_vs_bare']:.2f}x)"
+            f"Ray job {json.dumps(job['env'])} {json.dumps(job['cluster'])}: "
+            f"{job['tokens_per_s']:.1f} tok/s ({job['vs_script']:.2f}x the script, actor start and model "
+            f"load included; {job['vs_warm']:.2f}x warm) | its batches {job['batch_tokens_per_s']:.1f} tok/s "
+            f"({job['batches_vs_script']:.2f}x the script's generation; {job['batches_vs_warm']:.2f}x warm)"
         )
     print(json.dumps({"bench": "pipeline", **row}))
 

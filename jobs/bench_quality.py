@@ -183,6 +183,23 @@ def write_report(rows: list[dict], out_dir: Path) -> None:
     fig.savefig(out_dir / "quality.png", dpi=120)
 
 
+def check_files(selected: list[DictConfig], names: list[str]) -> None:
+    """Some rows read adapters or classifiers that a README command trains into runs/ (not committed):
+    fail before hours of work, not at the row, and say how to leave those rows out."""
+    missing = {
+        run.name: path
+        for run in selected
+        for path in (run.get("adapter"), run.get("exit_classifiers"))
+        if path and not Path(path).exists()
+    }
+    if missing:
+        rest = [n for n in names if n not in missing]
+        raise FileNotFoundError(
+            f"runs need files that are not here: {missing}; train them with the commands in the README "
+            f"(Quality, ADEPT) or leave these rows out with only={json.dumps(rest)}"
+        )
+
+
 @hydra.main(config_path="../conf", config_name="bench_quality", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     setup(cfg.threads)
@@ -199,6 +216,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.report_only:
         write_report(sorted(rows.values(), key=lambda r: order.get(r["name"], len(order))), out_dir)
         return
+    selected = [run for run in cfg.runs if not cfg.only or run.name in cfg.only]
+    check_files(selected, [run.name for run in cfg.runs])
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
     aclsum = read_aclsum("test")[: cfg.aclsum_rows]
     test_start = BIBLE_SPLITS["test"][0]

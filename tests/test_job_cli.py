@@ -137,3 +137,14 @@ def test_killed_actor_is_restarted_and_its_batch_redone(tmp_path, tiny_model_dir
     counts = RunDir(out).output_ids()
     assert sorted(counts) == sorted(r["doc"] for r in rows) and set(counts.values()) == {1}
     assert not Path(f"/proc/{victims[0]}").exists()  # the actor really died mid-run
+
+
+def test_bench_quality_names_missing_files_before_loading_anything(tmp_path):
+    row = "{name: trained here, strategy: uniform, target: 2.0, basis: layers, adapter: runs/no.safetensors}"
+    full = "{name: full depth, strategy: none, target: 1.0, basis: layers}"
+    done = run([sys.executable, "-m", "jobs.bench_quality", f"runs=[{full},{row}]", f"out_dir={tmp_path}"])
+    assert done.returncode != 0
+    message = done.stderr + done.stdout
+    assert "{'trained here': 'runs/no.safetensors'}" in message
+    assert 'only=["full depth"]' in message
+    assert not (tmp_path / "quality.jsonl").exists()
