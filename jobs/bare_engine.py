@@ -1,5 +1,5 @@
 """The bare side of jobs.bench_pipeline: the engine as a user would script it without Ray, in the calling
-process (`tokens_per_s`) or as a script in a fresh process that imports torch and loads the model
+process (`time_batches`) or as a script in a fresh process that imports torch and loads the model
 first, as the job's actor does (`python -m jobs.bare_engine`: a JobConfig and the rows as JSON on
 stdin, tokens and timings as JSON on stdout). Imports nothing of Ray."""
 
@@ -17,7 +17,7 @@ from pipeline.prompts import PromptBuilder
 from skipengine import Engine, SamplingParams, load_model, make_plan
 
 
-def tokens_per_s(engine: Engine, cfg: JobConfig, texts: list[str]) -> tuple[float, int]:
+def time_batches(engine: Engine, cfg: JobConfig, texts: list[str]) -> tuple[float, int]:
     """(generated tokens/s, generated tokens) over the rows in batches of cluster.batch_size."""
     prompts = PromptBuilder(cfg.task, engine.tokenizer)
     plan = make_plan(
@@ -35,12 +35,9 @@ def main() -> None:
     request = json.load(sys.stdin)
     cfg: JobConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), request["cfg"]))
     torch.set_num_threads(cfg.cluster.threads_per_actor)  # what the job's actor gets
-    start = time.perf_counter()
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
-    engine = Engine(model, tokenizer)
-    load_s = time.perf_counter() - start
-    generate_tokens_per_s, tokens = tokens_per_s(engine, cfg, request["texts"])
-    json.dump({"tokens": tokens, "load_s": load_s, "tokens_per_s": generate_tokens_per_s}, sys.stdout)
+    tokens_per_s, tokens = time_batches(Engine(model, tokenizer), cfg, request["texts"])
+    json.dump({"tokens": tokens, "tokens_per_s": tokens_per_s}, sys.stdout)
 
 
 if __name__ == "__main__":

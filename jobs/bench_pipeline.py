@@ -30,7 +30,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from jobs.bare_engine import tokens_per_s
+from jobs.bare_engine import time_batches
 from jobs.common import setup
 from pipeline.config import JobConfig
 from pipeline.corpora import BIBLE_SPLITS, read_bible, write_bible_jsonl
@@ -57,9 +57,11 @@ def bare_script(cfg: JobConfig, texts: list[str]) -> tuple[float, float]:
     request = json.dumps({"cfg": asdict(cfg), "texts": texts})
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "jobs.bare_engine"], input=request, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "jobs.bare_engine"], input=request, capture_output=True, text=True
     )
     wall = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"the bare engine script failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout)
     return result["tokens"] / wall, result["tokens_per_s"]
 
@@ -105,11 +107,11 @@ def main(dcfg: DictConfig) -> None:
     variants = [(dict(env), dict(cluster)) for env in bench.job_env for cluster in bench.job_cluster]
     warm, script_whole, script_generate = [], [], []
     jobs = [{"env": env, "cluster": cluster, "whole": [], "batches": []} for env, cluster in variants]
-    sides = ["bare", "script", *range(len(jobs))]
+    sides = ["warm", "script", *range(len(jobs))]
     for rep in range(dcfg.repeats):
         for side in sides if rep % 2 == 0 else sides[::-1]:
-            if side == "bare":
-                warm.append(tokens_per_s(engine, cfg, texts)[0])
+            if side == "warm":
+                warm.append(time_batches(engine, cfg, texts)[0])
             elif side == "script":
                 whole, generate = bare_script(cfg, texts)
                 script_whole.append(whole)
