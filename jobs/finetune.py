@@ -28,6 +28,7 @@ from pipeline.prompts import PromptBuilder
 from skipengine import load_model, make_plan
 from skipengine.adaptive import AdaptivePlan, exit_layers_for
 from skipengine.finetune import Example, TrainConfig, train
+from skipengine.plan import SkipPlan
 
 OmegaConf.register_new_resolver("join", lambda xs: "-".join(str(x) for x in xs), replace=True)
 log = logging.getLogger("finetune")
@@ -59,20 +60,24 @@ def examples_for(cfg: DictConfig, tokenizer) -> list[Example]:
     return examples
 
 
+def plans_for(cfg: DictConfig, layers: int) -> list[SkipPlan | AdaptivePlan]:
+    """The plan(s) to train for: one per target, plus one per explicit kept-layer count."""
+    if cfg.strategy == "adaptive":  # exit-aware: exits sampled per token at each target's mean depth
+        exits = exit_layers_for(layers, cfg.exit_every, cfg.min_depth)
+        return [AdaptivePlan(layers, exits, target_speedup=t) for t in cfg.targets]
+    plans = [make_plan(layers, cfg.strategy, t, cfg.prefill, cfg.basis) for t in cfg.targets]
+    if cfg.kept:  # explicit kept-layer counts (e.g. what basis=measured picks on your devices)
+        plans += [make_plan(layers, cfg.strategy, layers / k, cfg.prefill, "layers") for k in cfg.kept]
+    return plans
+
+
 @hydra.main(config_path="../conf", config_name="finetune", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     setup(cfg.threads)
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
     examples = examples_for(cfg, tokenizer)
     log.info("%d training examples from corpus=%s", len(examples), cfg.corpus)
-    layers = model.config.num_hidden_layers
-    if cfg.strategy == "adaptive":  # exit-aware: exits sampled per token at each target's mean depth
-        exits = exit_layers_for(layers, cfg.exit_every, cfg.min_depth)
-        plans = [AdaptivePlan(layers, exits, target_speedup=t) for t in cfg.targets]
-    else:
-        plans = [make_plan(layers, cfg.strategy, t, cfg.prefill, cfg.basis) for t in cfg.targets]
-    if cfg.kept:  # explicit kept-layer counts (e.g. what basis=measured picks on your devices)
-        plans += [make_plan(layers, cfg.strategy, layers / k, cfg.prefill, "layers") for k in cfg.kept]
+    plans = plans_for(cfg, model.config.num_hidden_layers)
     for plan in plans:
         log.info("plan: %s", plan)
     config = TrainConfig(
@@ -85,6 +90,7 @@ def main(cfg: DictConfig) -> None:
         rank=cfg.rank,
         alpha=cfg.alpha,
         init_adapter=cfg.init_adapter,
+        prompt_grad=cfg.prompt_grad,
     )
     path = train(model, examples, plans, config, cfg.out_dir, tokenizer.pad_token_id)
     print(f"adapter: {path}")

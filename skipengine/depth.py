@@ -22,6 +22,13 @@ from skipengine.adaptive import AdaptivePlan
 from skipengine.plan import SkipPlan
 
 
+class _SkippedLayer(nn.Module):
+    """A layer no token runs: the residual stream passes through and no K/V is written."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
 class _TokenGatedLayer(nn.Module):
     """Runs `layer` and keeps its output only where `runs` [B, T] is True."""
 
@@ -37,19 +44,27 @@ class _TokenGatedLayer(nn.Module):
 
 
 @contextmanager
-def token_depth(model: nn.Module, runs: torch.Tensor) -> Iterator[nn.Module]:
-    """Within the block, model(...) runs layer l for token (b, t) only where runs[l, b, t]."""
+def token_depth(model: nn.Module, runs: torch.Tensor, drop_idle: bool = False) -> Iterator[nn.Module]:
+    """Within the block, model(...) runs layer l for token (b, t) only where runs[l, b, t]. A layer every
+    token runs is called as is. With drop_idle, a layer no token runs is left out, so it writes no K/V
+    either: right for a forward's last pass (nothing later reads them), as a static plan's decode is."""
     layers = model.model.layers
     original = list(layers)
     if runs.shape[0] != len(original):
         raise ValueError(f"runs has {runs.shape[0]} layers; the model has {len(original)}")
+    gated = []  # same length and order: HF indexes per-layer settings (e.g. Gemma's window) by position
+    for layer, layer_runs in zip(original, runs, strict=True):
+        if layer_runs.all():
+            gated.append(layer)
+        elif drop_idle and not layer_runs.any():
+            gated.append(_SkippedLayer())
+        else:
+            gated.append(_TokenGatedLayer(layer, layer_runs))
+    model.model.layers = nn.ModuleList(gated)
     try:
-        for i, layer in enumerate(original):
-            layers[i] = _TokenGatedLayer(layer, runs[i])
         yield model
     finally:
-        for i, layer in enumerate(original):
-            layers[i] = layer
+        model.model.layers = layers
 
 
 def plan_runs(plan: SkipPlan, is_prompt: torch.Tensor) -> torch.Tensor:

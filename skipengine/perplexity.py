@@ -19,7 +19,7 @@ from skipengine.adaptive import AdaptivePlan, adaptive_layers
 from skipengine.cache import StaticKVCache
 from skipengine.control import kv_fraction, layer_speedup
 from skipengine.depth import plan_runs
-from skipengine.finetune import Example, collate, response_logits
+from skipengine.finetune import Example, collate, response_logits, response_targets
 from skipengine.plan import SkipPlan
 
 
@@ -43,7 +43,7 @@ def perplexity(
     for i in range(0, len(token_windows), batch_size):
         examples = [Example(list(w[:context]), list(w[context:])) for w in token_windows[i : i + batch_size]]
         batch = collate(examples, pad_id=0, max_len=max(len(w) for w in token_windows))
-        targets = batch["input_ids"][:, 1:][batch["loss_mask"][:, 1:]]
+        targets = response_targets(batch)
         runs = None if plan is None else plan_runs(plan, batch["is_prompt"])
         logits = response_logits(model, batch, runs).float()
         total_nll += F.cross_entropy(logits, targets, reduction="sum").item()

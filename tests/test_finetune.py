@@ -20,6 +20,7 @@ from skipengine.finetune import (
     collate,
     distill_loss,
     response_logits,
+    response_targets,
     save_adapter,
     start_from_adapter,
     train,
@@ -55,12 +56,57 @@ def test_training_forward_equals_inference_forward(llama, tokenizer, examples, p
     torch.testing.assert_close(training, inference, atol=2e-4, rtol=1e-4)
 
 
+def test_training_forward_equals_inference_forward_for_prompts_of_different_lengths(
+    llama, tokenizer, prompts
+):
+    """The batch's prompts are left-padded to the longest one, as the engine pads them."""
+    engine = Engine(llama, tokenizer)
+    examples = [Example(p, p[::-1][:5] + [tokenizer.eos_token_id]) for p in prompts]
+    assert len({len(ex.prompt) for ex in examples}) > 2
+    batch = collate(examples, tokenizer.pad_token_id, max_len=64)
+    with torch.no_grad():
+        training = response_logits(llama, batch, training_runs(PLAN, batch["is_prompt"]))
+    inference = torch.cat([engine.score(ex.prompt, ex.response, PLAN) for ex in examples])
+    torch.testing.assert_close(training, inference, atol=2e-4, rtol=1e-4)
+    assert response_targets(batch).tolist() == [t for ex in examples for t in ex.response]
+
+
+def test_without_prompt_gradient_the_logits_are_the_same_and_only_the_prompt_pass_gets_none(
+    tokenizer, examples
+):
+    model = add_lora(build_llama(tokenizer), rank=8, alpha=16)
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0); make it act so that gradients reach A
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    batch = collate(examples, tokenizer.pad_token_id, max_len=64)
+    runs = training_runs(PLAN, batch["is_prompt"])
+    grads = {}
+    for prompt_grad in (True, False):
+        model.zero_grad(set_to_none=True)
+        logits = response_logits(model, batch, runs, prompt_grad)
+        logits.square().mean().backward()
+        grads[prompt_grad] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        if prompt_grad:
+            exact = logits.detach()
+        else:
+            torch.testing.assert_close(logits.detach(), exact, atol=0, rtol=0)
+    skipped = [layer for layer in range(8) if layer not in PLAN.kept_layers][0]
+    with_grad = [n for n, g in grads[True].items() if f"layers.{skipped}." in n and g is not None]
+    without = [n for n, g in grads[False].items() if f"layers.{skipped}." in n and g is not None]
+    # a layer only the prompt runs learns through the prompt's K/V, and only with the prompt's gradient
+    assert with_grad and not without
+    kept = PLAN.kept_layers[1]
+    assert all(grads[False][n] is not None for n in grads[False] if f"layers.{kept}." in n)
+
+
+@pytest.mark.parametrize("prompt_grad", [True, False])
 @pytest.mark.parametrize("loss_fn", [uls_loss, distill_loss])
-def test_one_step_lowers_the_loss(tokenizer, examples, loss_fn):
+def test_one_step_lowers_the_loss(tokenizer, examples, loss_fn, prompt_grad):
     model = add_lora(build_llama(tokenizer), rank=8, alpha=16)
     batch = collate(examples, tokenizer.pad_token_id, max_len=64)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    before = loss_fn(model, batch, training_runs(PLAN, batch["is_prompt"]))
+    before = loss_fn(model, batch, training_runs(PLAN, batch["is_prompt"]), prompt_grad=prompt_grad)
     if loss_fn is distill_loss:  # LoRA starts as a no-op, so the student differs only by the skipped layers
         assert before.item() > 0
     before.backward()

@@ -8,6 +8,8 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from skipengine import Engine, SamplingParams, full_plan, make_plan
 from skipengine.adapters import Gemma3Adapter
+from skipengine.depth import training_runs
+from skipengine.finetune import Example, collate, response_logits
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +61,16 @@ def test_skip_plans_match_references(gemma, tokenizer, prompts):
     out = engine.generate(prompts, plan, SamplingParams(max_new_tokens=10))
     for prompt, row in zip(prompts, out.rows, strict=True):
         assert row.token_ids == depth_greedy(gemma, prompt, plan, 10, engine.eos_ids)
+
+
+def test_training_forward_equals_inference_forward(gemma, tokenizer, prompts):
+    """The fine-tuning forward (prompt pass, then response pass over HF's cache, skipped layers left
+    out) on left-padded prompts longer than the window, against the engine's teacher-forced scoring."""
+    engine = Engine(gemma, tokenizer)
+    plan = make_plan(6, "uniform", 2.0, prefill="full")
+    examples = [Example(p, p[::-1][:6] + [tokenizer.eos_token_id]) for p in prompts]
+    batch = collate(examples, tokenizer.pad_token_id, max_len=64)
+    with torch.no_grad():
+        training = response_logits(gemma, batch, training_runs(plan, batch["is_prompt"]))
+    inference = torch.cat([engine.score(ex.prompt, ex.response, plan) for ex in examples])
+    torch.testing.assert_close(training, inference, atol=2e-4, rtol=1e-4)
