@@ -12,7 +12,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from skipengine import Engine, full_plan, make_plan
-from skipengine.depth import training_runs
+from skipengine.depth import plan_runs, token_depth, training_runs
 from skipengine.finetune import (
     Example,
     TrainConfig,
@@ -98,6 +98,31 @@ def test_without_prompt_gradient_the_logits_are_the_same_and_only_the_prompt_pas
     assert with_grad and not without
     kept = PLAN.kept_layers[1]
     assert all(grads[False][n] is not None for n in grads[False] if f"layers.{kept}." in n)
+
+
+def test_two_pass_forward_gives_the_gradient_of_one_pass_over_the_whole_sequence(tokenizer, examples):
+    """With the prompt's gradient, the prompt pass + response pass over the cache is the exact gradient:
+    that of one token-gated pass over prompt + response (each row alone, so no padding)."""
+    model = add_lora(build_llama(tokenizer), rank=8, alpha=16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for ex in examples:
+        model.zero_grad(set_to_none=True)
+        batch = collate([ex], tokenizer.pad_token_id, max_len=64)
+        uls_loss(model, batch, training_runs(PLAN, batch["is_prompt"])).backward()
+        two_pass = {n: p.grad.clone() for n, p in trainable.items()}
+
+        model.zero_grad(set_to_none=True)
+        ids = torch.tensor([ex.prompt + ex.response])
+        is_prompt = torch.arange(ids.shape[1])[None] < len(ex.prompt)
+        with token_depth(model.base_model.model, plan_runs(PLAN, is_prompt)):
+            logits = model(input_ids=ids).logits[0, len(ex.prompt) - 1 : -1]
+        torch.nn.functional.cross_entropy(logits, torch.tensor(ex.response)).backward()
+        for name, param in trainable.items():
+            torch.testing.assert_close(two_pass[name], param.grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("prompt_grad", [True, False])
