@@ -56,6 +56,16 @@ def test_training_forward_equals_inference_forward(llama, tokenizer, examples, p
     torch.testing.assert_close(training, inference, atol=2e-4, rtol=1e-4)
 
 
+def acting_lora(tokenizer):
+    """The tiny model with LoRA whose B is not zero: the adapter acts, so gradients reach A too."""
+    model = add_lora(build_llama(tokenizer), rank=8, alpha=16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    return model
+
+
 def test_training_forward_equals_inference_forward_for_prompts_of_different_lengths(
     llama, tokenizer, prompts
 ):
@@ -74,11 +84,7 @@ def test_training_forward_equals_inference_forward_for_prompts_of_different_leng
 def test_without_prompt_gradient_the_logits_are_the_same_and_only_the_prompt_pass_gets_none(
     tokenizer, examples
 ):
-    model = add_lora(build_llama(tokenizer), rank=8, alpha=16)
-    with torch.no_grad():  # LoRA starts as a no-op (B = 0); make it act so that gradients reach A
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
+    model = acting_lora(tokenizer)
     batch = collate(examples, tokenizer.pad_token_id, max_len=64)
     runs = training_runs(PLAN, batch["is_prompt"])
     grads = {}
@@ -103,11 +109,7 @@ def test_without_prompt_gradient_the_logits_are_the_same_and_only_the_prompt_pas
 def test_two_pass_forward_gives_the_gradient_of_one_pass_over_the_whole_sequence(tokenizer, examples):
     """With the prompt's gradient, the prompt pass + response pass over the cache is the exact gradient:
     that of one token-gated pass over prompt + response (each row alone, so no padding)."""
-    model = add_lora(build_llama(tokenizer), rank=8, alpha=16)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
+    model = acting_lora(tokenizer)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for ex in examples:
         model.zero_grad(set_to_none=True)
