@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import JobConfig
 from pipeline.prompts import PromptBuilder
-from skipengine import Engine, SamplingParams, load_model, make_plan
+from skipengine import Engine, load_model, make_plan
 
 
 def time_batches(engine: Engine, cfg: JobConfig, texts: list[str]) -> tuple[float, int]:
@@ -23,7 +23,7 @@ def time_batches(engine: Engine, cfg: JobConfig, texts: list[str]) -> tuple[floa
     plan = make_plan(
         engine.num_layers, cfg.skip.strategy, cfg.skip.target_speedup, cfg.skip.prefill, "layers"
     )
-    sampling = SamplingParams(max_new_tokens=cfg.task.max_new_tokens, stop=tuple(cfg.task.stop))
+    sampling = cfg.task.sampling()
     start, tokens = time.perf_counter(), 0
     for i in range(0, len(texts), cfg.cluster.batch_size):
         ids = [prompts.build(t).ids for t in texts[i : i + cfg.cluster.batch_size]]

@@ -28,7 +28,7 @@ from pipeline.metrics import score_task
 from pipeline.progress import Progress
 from pipeline.prompts import PromptBuilder
 from pipeline.run import on_target
-from skipengine import Engine, SamplingParams, load_model, make_plan, measure_cost_model
+from skipengine import Engine, load_model, make_plan, measure_cost_model
 from skipengine.control import kv_fraction, layer_speedup
 from skipengine.lora import load_adapter
 from skipengine.perplexity import adaptive_perplexity, perplexity, windows
@@ -42,7 +42,7 @@ def generate_all(engine: Engine, plan, task: TaskConfig, texts: list[str], batch
     speedups). skip=adaptive: the job's calibration (the first rows) and step-by-step controller;
     a batch's speedup prices the K/V fills as the job's stats do (static plans: the kept layers)."""
     prompts = PromptBuilder(task, engine.tokenizer)
-    sampling = SamplingParams(max_new_tokens=task.max_new_tokens, stop=tuple(task.stop))
+    sampling = task.sampling()
     ids = [prompts.build(t).ids for t in texts]
     kv = 0.0
     if skip is not None:  # a fresh controller per task, as a job starts one per actor

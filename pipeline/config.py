@@ -11,6 +11,7 @@ from omegaconf import MISSING
 from skipengine.adaptive import CRITERIA, KV_FILLS
 from skipengine.exits import classifier_adapter
 from skipengine.plan import BASES, PREFILL_MODES, STRATEGIES
+from skipengine.sampling import SamplingParams
 
 FORMATS = ("auto", "parquet", "jsonl", "csv", "hf_disk")
 OUTPUT_MODES = ("resume", "overwrite", "error")
@@ -44,10 +45,28 @@ class TaskConfig:
     chat: bool = True
     max_new_tokens: int = 128
     stop: list[str] = field(default_factory=list)
+    # decoding, with HF generate()'s semantics (skipengine.SamplingParams); temperature 0 = greedy
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    no_repeat_ngram_size: int = 0  # 0 = off; counts the prompt's n-grams too, as HF does
     seed: int = 0
     on_too_long: str = "error"  # or "truncate": keep the prompt's last tokens and flag the row
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            seed=self.seed,
+            stop=tuple(self.stop),
+        )
 
 
 @dataclass
@@ -70,6 +89,12 @@ class SkipConfig:
     kv_fill: str = "decoupled"
     threshold: float | None = None  # None: calibrated on the first calibration_rows rows of the corpus
     calibration_rows: int = 16
+    # strategy=searched: the driver searches the kept layers once, on the corpus's first search_rows rows
+    # (each followed by search_tokens tokens of the full model's own continuation), cached per model,
+    # sample and prefill; search_min_kept: how deep it searches (null: 0.6 x L / target_speedup)
+    search_rows: int = 8
+    search_tokens: int = 48
+    search_min_kept: int | None = None
     controller: bool = True  # hold the target step by step along the calibration curve (needs classifiers)
 
 
@@ -163,8 +188,10 @@ def validate(cfg: JobConfig) -> None:
         raise ValueError(
             f"task.template={cfg.task.template!r} must contain {{input}} where the row's text goes"
         )
-    if cfg.task.max_new_tokens < 1:
-        raise ValueError(f"task.max_new_tokens={cfg.task.max_new_tokens} must be >= 1")
+    try:
+        cfg.task.sampling()
+    except ValueError as e:
+        raise ValueError(f"task.{e}") from None
     if cfg.cluster.num_actors < 1 or cfg.cluster.batch_size < 1:
         raise ValueError("cluster.num_actors and cluster.batch_size must be >= 1")
     if cfg.cluster.memory_per_actor_gb is not None and cfg.cluster.memory_per_actor_gb < 0:
@@ -189,6 +216,8 @@ def validate(cfg: JobConfig) -> None:
                 f"model.adapters.{cfg.task.name} lists {path!r}, which does not exist; train it with "
                 "jobs.finetune, remove it from the list, or set skip.adapter=null"
             )
+    if cfg.skip.strategy == "searched" and (cfg.skip.search_rows < 1 or cfg.skip.search_tokens < 2):
+        raise ValueError("skip.search_rows must be >= 1 and skip.search_tokens >= 2")
     if cfg.skip.strategy == "adaptive":
         _choice("skip.criterion", cfg.skip.criterion, CRITERIA)
         _choice("skip.kv_fill", cfg.skip.kv_fill, KV_FILLS)

@@ -23,7 +23,7 @@ from skipengine.cache import StaticKVCache
 from skipengine.inputs import encode_prompt
 from skipengine.outputs import GenerationOutput, GenerationStats, RowResult
 from skipengine.plan import SkipPlan, full_plan
-from skipengine.sampling import SamplingParams, find_stop, next_tokens, row_generators
+from skipengine.sampling import Sampler, SamplingParams, find_stop
 
 
 def attention_mask(
@@ -159,7 +159,7 @@ class Engine:
             input_ids[r, prompt_len - len(p) :] = torch.tensor(p)
         input_ids = input_ids.to(dev)
         pad = torch.tensor([prompt_len - n for n in lengths], device=dev)  # [B]
-        generators = row_generators(sampling, prompts, dev)
+        sampler = Sampler(sampling, prompts, dev)
 
         adaptive = isinstance(plan, AdaptivePlan)
         controller = plan.controller if adaptive else None
@@ -170,7 +170,7 @@ class Engine:
         positions = (cols[None, :] - pad[:, None]).clamp(min=0)  # [B, T]
         depth = [0]
         hidden = self._forward(ad.embed(input_ids), positions, pad, 0, plan, "prefill", cache, depth)
-        tokens = next_tokens(ad.logits(hidden[:, -1]), sampling, generators)  # [B]
+        tokens = sampler(ad.logits(hidden[:, -1]))  # [B]
         stats.prefill_s = time.perf_counter() - t0
         stats.prefill_layers_per_token = (
             depth[0] / sum(lengths) if adaptive else float(len(plan.prefill_layers))
@@ -199,12 +199,12 @@ class Engine:
                 cache.compact(keep, col)
                 tokens, pad = tokens[keep], pad[keep]
                 active = [active[s] for s in survivors]
-                generators = [generators[s] for s in survivors] if generators else generators
+                sampler.keep(survivors)
             positions = (col - pad)[:, None]  # [n, 1]
             hidden = self._forward(
                 ad.embed(tokens[:, None]), positions, pad, col, plan, "decode", cache, depth
             )
-            tokens = next_tokens(ad.logits(hidden[:, -1]), sampling, generators)
+            tokens = sampler(ad.logits(hidden[:, -1]))
             col += 1
             stats.decode_steps += 1
             stats.decode_row_steps += len(active)

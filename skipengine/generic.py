@@ -115,13 +115,9 @@ def generate(
         attention[r, width - len(p) :] = 1
     clock = _FirstTokenClock()
     kwargs = dict(
-        max_new_tokens=sampling.max_new_tokens,
-        do_sample=not sampling.greedy,
-        pad_token_id=engine.pad_id,
-        logits_processor=LogitsProcessorList([clock]),
+        sampling.hf_kwargs(), pad_token_id=engine.pad_id, logits_processor=LogitsProcessorList([clock])
     )
     if not sampling.greedy:
-        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
         torch.manual_seed(sampling.seed)
     if sampling.ignore_eos:
         kwargs.update(eos_token_id=None, min_new_tokens=sampling.max_new_tokens)

@@ -79,3 +79,21 @@ def depth_greedy(model, prompt: list[int], plan: SkipPlan, max_new_tokens: int, 
         if tok in eos:
             break
     return new
+
+
+def hf_generate_row(model, prompt: list[int], params, pad_id: int) -> list[int]:
+    """HF generate() on one unpadded row with params' settings (skipengine.SamplingParams), seeded as the
+    engine seeds that row; new tokens, cut after the first EOS."""
+    from skipengine.sampling import row_seed
+
+    if not params.greedy:
+        torch.manual_seed(row_seed(params, prompt))
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=pad_id, **params.hf_kwargs()
+    )
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    row = out[0, len(prompt) :].tolist()
+    cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+    return row[:cut]
