@@ -1,4 +1,5 @@
-"""Scoring a finished run against its references: metrics.json and metrics.parquet beside the run."""
+"""Scoring a finished run against its references (with its loop rate and mean output length): metrics.json
+and metrics.parquet beside the run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline.metrics import score_task
+from pipeline.metrics import output_stats, score_task
 from pipeline.rundir import RunDir
 
 
@@ -26,9 +27,9 @@ def evaluate_run(run_dir: str | Path, bootstrap_samples: int = 1000) -> dict:
         )
     table = pq.read_table(run.outputs, columns=["id", "generated_text", "error", reference]).to_pylist()
     usable = [r for r in table if r["error"] is None and r[reference] is not None]
-    scores = score_task(
-        task, [r["generated_text"] or "" for r in usable], [r[reference] for r in usable], bootstrap_samples
-    )
+    hyps = [r["generated_text"] or "" for r in usable]
+    scores = score_task(task, hyps, [r[reference] for r in usable], bootstrap_samples)
+    scores |= output_stats(hyps, bootstrap_samples)
     metrics = {
         "run_dir": str(run.path),
         "task": task,
@@ -50,5 +51,5 @@ def evaluate_run(run_dir: str | Path, bootstrap_samples: int = 1000) -> dict:
 def metrics_table(metrics: dict) -> str:
     lines = [f"{metrics['task']} — {metrics['rows_scored']} rows scored, {metrics['rows_excluded']} excluded"]
     for name, s in metrics["metrics"].items():
-        lines.append(f"  {name:>7} {s['score']:6.2f}   95% CI [{s['ci_low']:.2f}, {s['ci_high']:.2f}]")
+        lines.append(f"  {name:>10} {s['score']:6.2f}   95% CI [{s['ci_low']:.2f}, {s['ci_high']:.2f}]")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Text-quality metrics against references, with bootstrap 95% confidence intervals.
 
 BLEU and chrF are sacrebleu's corpus scores; ROUGE-1/2/L are rouge-score's F1 (with stemming), averaged
-over rows. The interval resamples rows with replacement and recomputes the corpus score.
+over rows. The interval resamples rows with replacement and recomputes the corpus score. Beside them, the
+loop rate and the mean output length: a loop can score well on overlap metrics, so neither is read alone.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+LOOP_NGRAM = 4  # an output loops when fewer than half of its word 4-grams are distinct,
+LOOP_DISTINCT_BELOW = 0.5
+LOOP_MIN_WORDS = 12  # counted only for outputs of at least 12 words
 TASK_METRICS = {"translate": ("bleu", "chrf"), "summarize": ROUGE_KEYS}
 
 
@@ -29,6 +33,31 @@ def rouge_rows(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, list[float
     scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
     rows = [scorer.score(ref, hyp) for hyp, ref in zip(hyps, refs, strict=True)]
     return {key: [100 * r[key].fmeasure for r in rows] for key in ROUGE_KEYS}
+
+
+def loops(text: str) -> bool:
+    """Whether an output repeats itself: distinct word 4-grams / 4-grams < 0.5, at 12 words or more."""
+    words = text.split()
+    if len(words) < LOOP_MIN_WORDS:
+        return False
+    grams = [tuple(words[i : i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1)]
+    return len(set(grams)) / len(grams) < LOOP_DISTINCT_BELOW
+
+
+def output_stats(hyps: Sequence[str], samples: int = 1000) -> dict[str, dict]:
+    """{"loop_rate": % of outputs that loop, "mean_words": words per output}, each with its bootstrap
+    interval, in score_task's shape."""
+    if not hyps:
+        raise ValueError("no ok rows to score")
+    per_row = {
+        "loop_rate": [100.0 * loops(h) for h in hyps],
+        "mean_words": [float(len(h.split())) for h in hyps],
+    }
+    results = {}
+    for name, values in per_row.items():
+        low, high = bootstrap_ci(lambda idx, v=values: sum(v[i] for i in idx) / len(idx), len(hyps), samples)
+        results[name] = {"score": sum(values) / len(values), "ci_low": low, "ci_high": high}
+    return results
 
 
 def bootstrap_ci(

@@ -8,7 +8,7 @@ import yaml
 from rouge_score import rouge_scorer
 
 from pipeline.evaluate import evaluate_run
-from pipeline.metrics import bootstrap_ci, score_task
+from pipeline.metrics import bootstrap_ci, loops, output_stats, score_task
 
 HYPS = [
     "En el principio creó Dios los cielos y la tierra.",
@@ -41,6 +41,16 @@ def test_summary_metrics_are_rouge_scores():
     assert score_task("summarize", ["same words"], ["same words"], 10)["rouge1"]["score"] == pytest.approx(
         100
     )
+
+
+def test_loop_rate_counts_outputs_that_repeat_themselves_and_mean_words_their_length():
+    summary = "We study layer skipping. A searched plan keeps quality at twice the speed on real corpora."
+    loop = "The problem: The approach: The approach: The approach: The approach: The approach: The approach:"
+    assert not loops(summary) and loops(loop)
+    assert not loops("the the the the the")  # under 12 words: too short to call
+    stats = output_stats([summary, loop, summary, "short"], samples=100)
+    assert stats["loop_rate"]["score"] == pytest.approx(25.0)
+    assert stats["mean_words"]["score"] == pytest.approx((16 + 14 + 16 + 1) / 4)
 
 
 def test_bootstrap_interval_narrows_with_more_rows():
@@ -79,5 +89,7 @@ def test_a_run_folder_is_scored_on_its_ok_rows(tmp_path):
     metrics = evaluate_run(tmp_path, bootstrap_samples=50)
     assert metrics["rows_scored"] == 3 and metrics["rows_excluded"] == 1
     assert metrics["metrics"]["bleu"]["score"] == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS]).score)
+    assert metrics["metrics"]["loop_rate"]["score"] == 0.0
+    assert metrics["metrics"]["mean_words"]["score"] == pytest.approx(sum(len(h.split()) for h in HYPS) / 3)
     assert json.loads((tmp_path / "metrics.json").read_text())["rows_scored"] == 3
     assert pq.read_table(tmp_path / "metrics.parquet").num_rows == 1
