@@ -30,7 +30,6 @@ from skipengine import (
     Engine,
     GenerationStats,
     RowResult,
-    SamplingParams,
     SkipPlan,
     load_model,
     make_plan,
@@ -40,6 +39,7 @@ from skipengine.calibrate import achieved_decode_speedup, measure_cost_model
 from skipengine.control import SpeedupController, kv_fraction, layer_speedup, threshold_for_target
 from skipengine.exits import load_exit_classifiers
 from skipengine.lora import adapter_plans, load_adapter
+from skipengine.search import SearchedPlans
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,11 @@ OUTPUT_SCHEMA = [
 
 
 def build_plan(
-    skip: SkipConfig, engine: Engine, batch_size: int, shipped: Sequence[str] = ()
+    skip: SkipConfig,
+    engine: Engine,
+    batch_size: int,
+    shipped: Sequence[str] = (),
+    searched: SearchedPlans | None = None,
 ) -> tuple[SkipPlan, list[CostModel], str | None]:
     """(plan, cost models, adapter path or None). Cost models are measured when the plan or the stats
     need them. An adapter serves only the exact plans it was trained for, so with one the plan comes from
@@ -84,6 +88,7 @@ def build_plan(
             skip.basis,
             cost_model=costs[0] if costs else None,
             seed=skip.seed,
+            searched=searched,
         )
 
     if not skip.adapter or (skip.strategy == "none" and skip.adapter == "auto"):
@@ -129,7 +134,12 @@ def choose_adapter_plan(
     for path in candidates:
         trained = [kept for prefill, kept in adapter_plans(path) if prefill == skip.prefill]
         for kept in trained:
-            fits = cost.speedup(len(kept)) >= skip.target_speedup if cost else kept == plan.kept_layers
+            if cost is None:
+                fits = kept == plan.kept_layers
+            elif skip.target_speedup == 1.0:  # full depth was asked for: no layer is traded for an adapter
+                fits = len(kept) == num_layers
+            else:
+                fits = cost.speedup(len(kept)) >= skip.target_speedup
             if fits:
                 options.append((-len(trained), len(kept), path, kept))
     if not options:
@@ -223,7 +233,13 @@ def build_adaptive_plan(skip: SkipConfig, engine: Engine, calibration: list[list
 
 
 class Generator:
-    def __init__(self, cfg: JobConfig, outputs_dir: str, calibration_texts: list[str] | None = None):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        outputs_dir: str,
+        calibration_texts: list[str] | None = None,
+        searched: SearchedPlans | None = None,
+    ):
         torch.set_num_threads(cfg.cluster.threads_per_actor)
         self.cfg = cfg
         self.outputs_dir = Path(outputs_dir)
@@ -242,18 +258,11 @@ class Generator:
             self.engine = Engine(model, tokenizer)
             shipped = cfg.model.adapters.get(cfg.task.name, [])
             self.plan, self.costs, self.adapter = build_plan(
-                cfg.skip, self.engine, cfg.cluster.batch_size, shipped
+                cfg.skip, self.engine, cfg.cluster.batch_size, shipped, searched
             )
             if self.adapter:  # merged into the weights; the engine's frozen kernels are rebuilt from them
                 self.engine = Engine(load_adapter(model, self.adapter, self.plan), tokenizer)
-        task = cfg.task
-        self.sampling = SamplingParams(
-            max_new_tokens=task.max_new_tokens,
-            temperature=task.temperature,
-            top_p=task.top_p,
-            seed=task.seed,
-            stop=tuple(task.stop),
-        )
+        self.sampling = cfg.task.sampling()
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         # inside Ray, the node id; outside (a notebook, a benchmark) asking Ray would start it
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()

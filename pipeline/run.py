@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict
@@ -23,9 +24,11 @@ from pipeline import sources
 from pipeline.config import JobConfig, actor_memory, resolve_adapter, validate
 from pipeline.generator import Generator
 from pipeline.progress import Progress
+from pipeline.prompts import PromptBuilder
 from pipeline.rundir import RunDir
-from skipengine import load
+from skipengine import Engine, load
 from skipengine.plan import make_plan
+from skipengine.search import SearchedPlans, cached_search
 
 log = logging.getLogger("skipengine.job")
 
@@ -84,9 +87,8 @@ def check_plan_up_front(cfg: JobConfig) -> None:
     )
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "decoder_layers", None)
     if layers:
-        make_plan(
-            layers, cfg.skip.strategy, cfg.skip.target_speedup, cfg.skip.prefill, "layers", seed=cfg.skip.seed
-        )
+        strategy = "uniform" if cfg.skip.strategy == "searched" else cfg.skip.strategy  # the count only
+        make_plan(layers, strategy, cfg.skip.target_speedup, cfg.skip.prefill, "layers", seed=cfg.skip.seed)
 
 
 def drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
@@ -128,12 +130,40 @@ def run_job(cfg: JobConfig) -> dict:
     return summary
 
 
+def first_texts(ds: ray.data.Dataset, cfg: JobConfig, rows: int) -> list[str]:
+    """The corpus's first rows' input texts: the same for every actor and every resumed run."""
+    first = ds.limit(rows).take_all()
+    return [r[cfg.task.input_column] for r in first if isinstance(r[cfg.task.input_column], str)]
+
+
+def search_layers(cfg: JobConfig, texts: list[str], run: RunDir) -> SearchedPlans:
+    """skip=searched: the layer search, once, in the driver, on the corpus's first rows (cached across
+    runs); its result goes to search.json in the run folder and to every actor."""
+    skip = cfg.skip
+    model, tokenizer = load.load_model(
+        cfg.model.spec, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code
+    )
+    engine = Engine(model, tokenizer)
+    builder = PromptBuilder(cfg.task, tokenizer)
+    prompts = [p.ids for p in map(builder.build, texts) if p.ids]
+    layers = engine.num_layers
+    min_kept = skip.search_min_kept or math.ceil(0.6 * layers / skip.target_speedup)
+    log.info(
+        "layer search on %d prompts of the corpus, down to %d of %d layers", len(prompts), min_kept, layers
+    )
+    found = cached_search(
+        engine, prompts, min_kept, skip.prefill, load.cache_root() / "searched", skip.search_tokens
+    )
+    run.search.write_text(found.to_json())
+    return found
+
+
 def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunDir) -> list[dict]:
-    calibration = None
-    if cfg.skip.strategy == "adaptive":  # the corpus's first rows, for every actor and every
-        # resumed run alike, so all use one threshold
-        first = ds.limit(cfg.skip.calibration_rows).take_all()
-        calibration = [r[cfg.task.input_column] for r in first if isinstance(r[cfg.task.input_column], str)]
+    calibration, searched = None, None
+    if cfg.skip.strategy == "adaptive":
+        calibration = first_texts(ds, cfg, cfg.skip.calibration_rows)
+    if cfg.skip.strategy == "searched":
+        searched = search_layers(cfg, first_texts(ds, cfg, cfg.skip.search_rows), run)
     ds = sources.with_ids(ds, cfg.data)
     if done:
         ds = ds.map_batches(
@@ -148,6 +178,7 @@ def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunD
             "cfg": cfg,
             "outputs_dir": str(run.outputs.resolve()),
             "calibration_texts": calibration,
+            "searched": searched,
         },
         batch_size=cluster.batch_size,
         batch_format="pyarrow",

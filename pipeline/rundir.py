@@ -1,4 +1,5 @@
-"""The run folder: outputs/ and stats/ Parquet, summary.json (+ Parquet twin) and config.yaml.
+"""The run folder: outputs/ and stats/ Parquet, summary.json (+ Parquet twin), config.yaml and, for a
+searched plan, search.json.
 
 A folder is only ever continued by the same job: resuming with a different model, task, plan or corpus
 would mix results, so it is refused. Overwriting happens only when output.mode=overwrite says so.
@@ -13,7 +14,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-ARTIFACTS = ("outputs", "stats", "summary.json", "summary.parquet", "config.yaml", "metrics.json")
+ARTIFACTS = (
+    "outputs",
+    "stats",
+    "summary.json",
+    "summary.parquet",
+    "config.yaml",
+    "metrics.json",
+    "search.json",
+)
 SAME_JOB_KEYS = ("model", "task", "skip", "data")  # what makes the outputs what they are
 # data.limit may grow: the rows already done stay valid (a shrinking limit is refused by the id check);
 # the model's memory reservation is scheduling, not output
@@ -27,6 +36,7 @@ class RunDir:
         self.stats = self.path / "stats"
         self.config = self.path / "config.yaml"
         self.summary = self.path / "summary.json"
+        self.search = self.path / "search.json"
 
     def has_results(self) -> bool:
         return self.outputs.exists() and any(self.outputs.glob("part-*.parquet"))

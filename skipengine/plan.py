@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-STRATEGIES = ("none", "uniform", "early_exit", "keep_top", "random")
+if TYPE_CHECKING:
+    from skipengine.search import SearchedPlans
+
+STRATEGIES = ("none", "uniform", "searched", "early_exit", "keep_top", "random")
 PREFILL_MODES = ("full", "skip")
 BASES = ("layers", "measured")
 MIN_KEPT_LAYERS = 2  # the first and the last layer
@@ -102,9 +106,15 @@ def evenly_spaced(num_layers: int, num_kept: int) -> tuple[int, ...]:
     return tuple(math.floor(i * step + 0.5) for i in range(num_kept))
 
 
-def layers_for_strategy(strategy: str, num_layers: int, num_kept: int, seed: int = 0) -> tuple[int, ...]:
-    if strategy in ("none", "uniform"):
+def layers_for_strategy(
+    strategy: str, num_layers: int, num_kept: int, seed: int = 0, searched: SearchedPlans | None = None
+) -> tuple[int, ...]:
+    if num_kept == num_layers or strategy in ("none", "uniform"):
         return evenly_spaced(num_layers, num_kept)
+    if strategy == "searched":  # chosen on the corpus by skipengine.search
+        if searched is None:
+            raise ValueError("skip.strategy=searched needs the layer search's result (skipengine.search)")
+        return searched.kept(num_kept)
     if strategy == "early_exit":  # the first n layers: skip a contiguous top block
         return tuple(range(num_kept))
     if strategy == "keep_top":  # layer 0, then the top n-1: skip a contiguous block after layer 0
@@ -123,6 +133,7 @@ def make_plan(
     basis: str = "layers",
     cost_model: CostModel | None = None,
     seed: int = 0,
+    searched: SearchedPlans | None = None,
 ) -> SkipPlan:
     """A plan that keeps as many layers as the target speedup allows.
 
@@ -171,7 +182,7 @@ def make_plan(
 
     return SkipPlan(
         num_layers=num_layers,
-        kept_layers=layers_for_strategy(strategy, num_layers, num_kept, seed),
+        kept_layers=layers_for_strategy(strategy, num_layers, num_kept, seed, searched),
         strategy=strategy,
         prefill=prefill,
         target_speedup=float(target_speedup),

@@ -315,6 +315,17 @@ def test_auto_picks_the_adapter_with_fewest_plans_then_the_deepest_plan(tmp_path
     assert pick(1.5) == ("x2", 3)  # the specialist, though the range adapter has a deeper plan (5) that fits
     assert pick(2.5) == ("narrow", 2)
     assert pick(4.0) is None
+    assert pick(1.0) is None  # full depth asked for: no adapter of a shallower plan is taken instead
+    full = adapter("full", 8)
+    assert choose_adapter_plan([*shipped, full], replace(skip, target_speedup=1.0), 8, cost, None)[1] == full
+    for basis in ("measured", "layers"):  # with the job's own plan building, on either basis
+        plan, _, chosen = build_plan(
+            replace(skip, basis=basis, target_speedup=1.0),
+            Engine(build_llama(tokenizer), tokenizer),
+            2,
+            shipped,
+        )
+        assert plan.is_full_depth and chosen is None
     # basis=layers: the plan is fixed; the adapter with the fewest plans that was trained for it
     layers = replace(skip, basis="layers")
     engine = Engine(build_llama(tokenizer), tokenizer)

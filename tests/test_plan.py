@@ -83,6 +83,14 @@ def test_measured_basis_accounts_for_fixed_cost():
         make_plan(30, "uniform", 3.5, basis="measured", cost_model=cost)
 
 
+@pytest.mark.parametrize("strategy", ["none", "uniform", "searched", "early_exit", "keep_top", "random"])
+@pytest.mark.parametrize("basis", ["layers", "measured"])
+def test_target_one_is_full_depth_under_every_strategy_and_basis(strategy, basis):
+    cost = CostModel(fixed_s=0.010, per_layer_s=0.001, num_layers=30, batch_size=8, device="cpu")
+    plan = make_plan(30, strategy, 1.0, basis=basis, cost_model=cost)  # searched: no search needed
+    assert plan.is_full_depth and plan.predicted_speedup == pytest.approx(1.0)
+
+
 def test_plan_is_printable():
     text = str(make_plan(30, "uniform", 2.0))
     assert "keep 15/30" in text and "predicted=2.00x" in text and "prefill=full" in text
