@@ -23,7 +23,8 @@ from pipeline.prompts import PromptBuilder
 from skipengine import Engine, SkipPlan, full_plan, load_model
 
 PROMPTS = {
-    "three_parts": task_config("summarize").template,
+    "three_parts": "Summarize this paper abstract in three sentences: the problem, the approach, and the "
+    "outcome.\n\n{input}",
     "plain_1_2": "Summarize this paper abstract in one or two plain sentences.\n\n{input}",
     "plain_3": "Summarize this paper abstract in three plain sentences: what problem it addresses, how, and "
     "what it found.\n\n{input}",
@@ -35,6 +36,9 @@ DECODING = {
     "rep_1.1": {"repetition_penalty": 1.1},
     "rep_1.05_no_repeat_4": {"repetition_penalty": 1.05, "no_repeat_ngram_size": 4},
     "no_repeat_6": {"no_repeat_ngram_size": 6},
+    # the same, counting the output's n-grams only (the prompt may be quoted)
+    "out_no_repeat_3": {"no_repeat_ngram_size": 3, "penalize_prompt": False},
+    "out_no_repeat_4": {"no_repeat_ngram_size": 4, "penalize_prompt": False},
 }
 
 
@@ -53,7 +57,9 @@ def main() -> None:
         template = PROMPTS[prompt_name]
         for decoding_name in decoding_names:
             settings = DECODING[decoding_name]
-            task = replace(task_config("summarize"), template=template, **settings)
+            # the settings replace the task's own decoding defaults
+            base = replace(task_config("summarize"), no_repeat_ngram_size=0, penalize_prompt=True)
+            task = replace(base, template=template, **settings)
             builder = PromptBuilder(task, tokenizer)
             ids = [builder.build(p["abstract"]).ids for p in papers]
             start, texts = time.perf_counter(), []

@@ -106,6 +106,12 @@ def generate(
             f"{type(model).__name__} has no native adapter, so its prompt cannot run at full depth while "
             "decode skips; use skip.prefill=skip"
         )
+    repeats = sampling.repetition_penalty != 1.0 or sampling.no_repeat_ngram_size
+    if repeats and not sampling.penalize_prompt:
+        raise ValueError(
+            f"{type(model).__name__} has no native adapter, so its repetition settings count the prompt "
+            "(HF generate()); set task.penalize_prompt=true"
+        )
     batch = len(prompts)
     width = max(len(p) for p in prompts)
     input_ids = torch.full((batch, width), engine.pad_id, dtype=torch.long)

@@ -1,10 +1,10 @@
 """Generation limits and next-token choice, with HF generate()'s semantics.
 
-Each row's logits go through HF's logits processors over that row's own prompt and generated tokens
-(repetition penalty, no-repeat n-grams), then either argmax (greedy) or HF's warpers (temperature, top-k,
-top-p, min-p, in that order) and a draw. Each row draws from its own generator, seeded from (seed, the
-row's prompt tokens), so a row's output does not depend on which other rows share its batch: retries,
-resumes and re-batching reproduce it.
+Each row's logits go through HF's logits processors (repetition penalty, no-repeat n-grams) over that
+row's own prompt and generated tokens, or its generated tokens only; then either argmax (greedy) or HF's
+warpers (temperature, top-k, top-p, min-p, in that order) and a draw. Each row draws from its own
+generator, seeded from (seed, the row's prompt tokens), so a row's output does not depend on which other
+rows share its batch: retries, resumes and re-batching reproduce it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     min_p: float = 0.0  # 0 = off; else drop tokens below min_p x the top token's probability
     repetition_penalty: float = 1.0  # > 1 discourages every token already in the prompt or the output
-    no_repeat_ngram_size: int = 0  # n > 0: no n-gram of the prompt and output occurs twice
+    no_repeat_ngram_size: int = 0  # n > 0: no n-gram occurs twice
+    # whether the two settings above count the prompt's tokens (HF's decoder-only default) or only the
+    # output's (HF generate() given inputs_embeds: an output may then quote its source)
+    penalize_prompt: bool = True
     seed: int = 0
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings; the text is cut before them
     ignore_eos: bool = False  # benchmarks and calibration run a fixed number of steps
@@ -52,7 +55,8 @@ class SamplingParams:
         return self.temperature == 0
 
     def hf_kwargs(self) -> dict:
-        """The same settings as HF generate() keyword arguments (seeding aside)."""
+        """The same settings as HF generate() keyword arguments (seeding aside; penalize_prompt=False is
+        HF's behaviour when it is given inputs_embeds instead of input_ids)."""
         kwargs = dict(
             max_new_tokens=self.max_new_tokens,
             do_sample=not self.greedy,
@@ -82,11 +86,13 @@ class Sampler:
             self.generators = [
                 torch.Generator(device=device).manual_seed(row_seed(params, p)) for p in prompts
             ]
-        self.prompts = [list(p) for p in prompts]
-        self.seen: torch.Tensor | None = None  # [B, vocab]: tokens in each row's prompt and output
+        # each row's tokens that the repetition settings count
+        counted = [list(p) if params.penalize_prompt else [] for p in prompts]
+        self.counted = counted
+        self.seen: torch.Tensor | None = None  # [B, vocab]: the counted tokens seen so far
         n = params.no_repeat_ngram_size
-        self.history = [list(p) for p in prompts] if n else []
-        self.ngrams = [_ngrams(p, n) for p in prompts] if n else []
+        self.history = [list(c) for c in counted] if n else []
+        self.ngrams = [_ngrams(c, n) for c in counted] if n else []
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         scores = self.process(logits)
@@ -107,7 +113,7 @@ class Sampler:
         if p.repetition_penalty != 1.0:
             if self.seen is None:
                 self.seen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-                for r, ids in enumerate(self.prompts):
+                for r, ids in enumerate(self.counted):
                     self.seen[r, ids] = True
             penalized = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
             scores = torch.where(self.seen, penalized, scores)
@@ -141,7 +147,7 @@ class Sampler:
     def keep(self, slots: Sequence[int]) -> None:
         """Only the rows at these slots go on, in this order."""
         pick = lambda items: [items[s] for s in slots]  # noqa: E731
-        self.generators, self.prompts = pick(self.generators) if self.generators else [], pick(self.prompts)
+        self.generators, self.counted = pick(self.generators) if self.generators else [], pick(self.counted)
         if self.history:
             self.history, self.ngrams = pick(self.history), pick(self.ngrams)
         if self.seen is not None:

@@ -89,11 +89,15 @@ def hf_generate_row(model, prompt: list[int], params, pad_id: int) -> list[int]:
     if not params.greedy:
         torch.manual_seed(row_seed(params, prompt))
     ids = torch.tensor([prompt])
+    if params.penalize_prompt:
+        inputs = dict(input_ids=ids)
+    else:  # HF's processors then see only the generated tokens, and it returns only those
+        inputs = dict(inputs_embeds=model.get_input_embeddings()(ids))
     out = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=pad_id, **params.hf_kwargs()
+        **inputs, attention_mask=torch.ones_like(ids), pad_token_id=pad_id, **params.hf_kwargs()
     )
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    row = out[0, len(prompt) :].tolist()
+    row = out[0, len(prompt) if params.penalize_prompt else 0 :].tolist()
     cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
     return row[:cut]

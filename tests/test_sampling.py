@@ -16,6 +16,15 @@ SETTINGS = [
     dict(temperature=0.8, top_k=20, seed=3),
     dict(temperature=1.2, top_p=0.7, min_p=0.05, seed=4),
     dict(temperature=0.7, top_k=40, top_p=0.9, min_p=0.1, repetition_penalty=1.2, no_repeat_ngram_size=3),
+    dict(repetition_penalty=1.3, no_repeat_ngram_size=2, penalize_prompt=False),
+    dict(
+        temperature=0.9,
+        top_k=30,
+        repetition_penalty=1.2,
+        no_repeat_ngram_size=3,
+        penalize_prompt=False,
+        seed=5,
+    ),
 ]
 
 
@@ -32,7 +41,7 @@ def test_every_row_of_a_batch_equals_hf_generate_on_that_row(engine, llama, prom
         assert row.token_ids == hf_generate_row(llama, prompt, params, engine.pad_id)
 
 
-@pytest.mark.parametrize("settings", [SETTINGS[2], SETTINGS[5]])
+@pytest.mark.parametrize("settings", [SETTINGS[2], SETTINGS[5], SETTINGS[6]])
 def test_under_a_skip_plan_rows_equal_hf_generate_on_the_pruned_model(engine, llama, prompts, settings):
     plan = make_plan(8, "uniform", 2.0, prefill="skip")
     pruned = physically_pruned(llama, plan.kept_layers, "model.layers", "num_hidden_layers")
@@ -51,11 +60,12 @@ def test_the_settings_change_greedy_output_and_no_repeat_ngram_forbids_repeats(e
         ]
         assert out != plain
     n = 2
-    rows = engine.generate(prompts, full_plan(8), SamplingParams(NEW, no_repeat_ngram_size=n)).rows
-    for prompt, row in zip(prompts, rows, strict=True):
-        seq = prompt + row.token_ids
-        grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
-        assert len(grams) == len(set(grams))
+    for penalize_prompt in (True, False):
+        params = SamplingParams(NEW, no_repeat_ngram_size=n, penalize_prompt=penalize_prompt)
+        for prompt, row in zip(prompts, engine.generate(prompts, full_plan(8), params).rows, strict=True):
+            seq = prompt + row.token_ids if penalize_prompt else row.token_ids
+            grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+            assert len(grams) == len(set(grams))
 
 
 def test_warpers_follow_hf_on_one_distribution():
