@@ -7,6 +7,10 @@ corpus=aclsum  ACLSum train abstracts -> human summaries (task=summarize)
 corpus=run     a finished jobs.generate run (run_dir=...): its prompts -> its generated texts, e.g. a
                full-depth run over a sample of your own corpus, for self-distillation without references
 
+strategy=searched trains for skip=searched: the kept layers come from the layer search on the first
+search_rows training prompts (cached, as a job's search is); a job with skip.adapter=auto then runs the
+adapter's own plans.
+
 strategy=adaptive trains for skip=adaptive: every token, prompt or response, exits at a random exit point
 often enough that the mean depth meets each target, deeper layers see its exit state (the decoupled K/V).
 
@@ -17,6 +21,7 @@ baseline fine-tuned on the same data (targets=[1.0]), the paper's setup for tran
 from __future__ import annotations
 
 import logging
+import math
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -25,10 +30,12 @@ from jobs.common import run_pairs, setup
 from pipeline.config import TaskConfig
 from pipeline.corpora import BIBLE_SPLITS, read_aclsum, read_bible
 from pipeline.prompts import PromptBuilder
-from skipengine import load_model, make_plan
+from skipengine import Engine, load_model, make_plan
 from skipengine.adaptive import AdaptivePlan, exit_layers_for
 from skipengine.finetune import Example, TrainConfig, train
+from skipengine.load import cache_root
 from skipengine.plan import SkipPlan
+from skipengine.search import SearchedPlans, cached_search
 
 OmegaConf.register_new_resolver("join", lambda xs: "-".join(str(x) for x in xs), replace=True)
 log = logging.getLogger("finetune")
@@ -60,15 +67,34 @@ def examples_for(cfg: DictConfig, tokenizer) -> list[Example]:
     return examples
 
 
-def plans_for(cfg: DictConfig, layers: int) -> list[SkipPlan | AdaptivePlan]:
+def plans_for(
+    cfg: DictConfig, layers: int, searched: SearchedPlans | None = None
+) -> list[SkipPlan | AdaptivePlan]:
     """The plan(s) to train for: one per target, plus one per explicit kept-layer count."""
     if cfg.strategy == "adaptive":  # exit-aware: exits sampled per token at each target's mean depth
         exits = exit_layers_for(layers, cfg.exit_every, cfg.min_depth)
         return [AdaptivePlan(layers, exits, target_speedup=t) for t in cfg.targets]
-    plans = [make_plan(layers, cfg.strategy, t, cfg.prefill, cfg.basis) for t in cfg.targets]
+    plans = [
+        make_plan(layers, cfg.strategy, t, cfg.prefill, cfg.basis, searched=searched) for t in cfg.targets
+    ]
     if cfg.kept:  # explicit kept-layer counts (e.g. what basis=measured picks on your devices)
-        plans += [make_plan(layers, cfg.strategy, layers / k, cfg.prefill, "layers") for k in cfg.kept]
+        plans += [
+            make_plan(layers, cfg.strategy, layers / k, cfg.prefill, "layers", searched=searched)
+            for k in cfg.kept
+        ]
     return plans
+
+
+def search_for(cfg: DictConfig, model, tokenizer, examples: list[Example]) -> SearchedPlans:
+    """strategy=searched: the layer search on the training prompts' first search_rows, as a job searches
+    on its corpus's first rows (cached)."""
+    layers = model.config.num_hidden_layers
+    counts = [math.floor(layers / t + 1e-9) for t in cfg.targets] + list(cfg.kept)
+    prompts = [ex.prompt for ex in examples[: cfg.search_rows]]
+    engine = Engine(model, tokenizer)
+    return cached_search(
+        engine, prompts, min(counts), cfg.prefill, cache_root() / "searched", cfg.search_tokens
+    )
 
 
 @hydra.main(config_path="../conf", config_name="finetune", version_base="1.3")
@@ -77,7 +103,8 @@ def main(cfg: DictConfig) -> None:
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
     examples = examples_for(cfg, tokenizer)
     log.info("%d training examples from corpus=%s", len(examples), cfg.corpus)
-    plans = plans_for(cfg, model.config.num_hidden_layers)
+    searched = search_for(cfg, model, tokenizer, examples) if cfg.strategy == "searched" else None
+    plans = plans_for(cfg, model.config.num_hidden_layers, searched)
     for plan in plans:
         log.info("plan: %s", plan)
     config = TrainConfig(

@@ -22,37 +22,38 @@ CLUSTER_KINDS = ("local", "existing")
 class ModelConfig:
     name: str = MISSING  # short name for run folders
     spec: str = MISSING  # a named default, a local HF folder, or a hub id
-    device: str = "cpu"
-    dtype: str = "float32"
-    trust_remote_code: bool = False
+    device: str = "cpu"  # "cpu" or "cuda" (then cluster.gpus_per_actor > 0)
+    dtype: str = "float32"  # the weights' and activations' dtype
+    trust_remote_code: bool = False  # run a model folder's own Python code (auto_map)
     # what Ray reserves for one actor of this model unless cluster.memory_per_actor_gb says otherwise:
     # its measured peak RSS with headroom (raise it for a bigger local model)
     actor_memory_gb: float = 2.5
-    # task name -> the skip-aware adapters shipped for this model (uniform plans); skip.adapter=auto picks
-    # one per plan in each actor (pipeline.generator.choose_adapter_plan)
+    # task name -> the skip-aware adapters shipped for this model (uniform or searched plans);
+    # skip.adapter=auto picks one per plan in each actor (pipeline.generator.choose_adapter_plan)
     adapters: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
 class TaskConfig:
-    name: str = MISSING
-    input_column: str = "text"
-    reference_column: str | None = None
+    name: str = MISSING  # summarize and translate are scored by jobs.evaluate
+    input_column: str = "text"  # the corpus column that fills {input}
+    reference_column: str | None = None  # the column jobs.evaluate scores against; copied to the outputs
     # {input} is replaced by the row's text; sent as the user turn of the chat template where the model
     # has one, as plain text otherwise
     template: str = "{input}"
-    system: str | None = None
+    system: str | None = None  # a system turn for chat models
     chat: bool = True
-    max_new_tokens: int = 128
-    stop: list[str] = field(default_factory=list)
+    max_new_tokens: int = 128  # per row; rows also stop at EOS, a stop string or the context window
+    stop: list[str] = field(default_factory=list)  # stop strings; the text is cut before them
     # decoding, with HF generate()'s semantics (skipengine.SamplingParams); temperature 0 = greedy
     temperature: float = 0.0
-    top_p: float = 1.0
+    top_p: float = 1.0  # 1 = off
     top_k: int = 0  # 0 = off
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
-    no_repeat_ngram_size: int = 0  # 0 = off; counts the prompt's n-grams too, as HF does
-    seed: int = 0
+    no_repeat_ngram_size: int = 0  # 0 = off
+    penalize_prompt: bool = True  # the two above count the prompt's tokens too (HF); false: the output's only
+    seed: int = 0  # sampling: each row draws from its own generator, seeded from this and its prompt
     on_too_long: str = "error"  # or "truncate": keep the prompt's last tokens and flag the row
 
     def sampling(self) -> SamplingParams:
@@ -64,6 +65,7 @@ class TaskConfig:
             min_p=self.min_p,
             repetition_penalty=self.repetition_penalty,
             no_repeat_ngram_size=self.no_repeat_ngram_size,
+            penalize_prompt=self.penalize_prompt,
             seed=self.seed,
             stop=tuple(self.stop),
         )
@@ -72,12 +74,15 @@ class TaskConfig:
 @dataclass
 class SkipConfig:
     strategy: str = "none"
-    target_speedup: float = 1.0
-    basis: str = "layers"
-    prefill: str = "full"
-    seed: int = 0
-    # calibrate a full-depth cost model in each actor, so per-batch stats report the achieved speedup
+    target_speedup: float = 1.0  # the speedup asked for; 1.0 = full depth
+    basis: str = "layers"  # layers: L / kept layers (the paper); measured: wall clock on this device
+    prefill: str = "full"  # full: the prompt runs every layer; skip: the prompt skips too
+    seed: int = 0  # strategy=random
+    # calibrate a full-depth cost model in each actor, so per-batch stats report the estimated speedup
     measure_achieved: bool = True
+    # every Nth batch of each actor, its first included, is generated again at full depth (not written)
+    # to measure the achieved speedup on the job's own rows; 0 = never
+    full_depth_every: int = 8
     # a skip-aware LoRA adapter (jobs.finetune) for this model and plan; "auto": the best of the model's
     # shipped adapters for the task and plan (uniform), the exit classifiers' own adapter (adaptive)
     adapter: str | None = None
@@ -100,12 +105,12 @@ class SkipConfig:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING
+    name: str = MISSING  # short name for run folders
     path: str = MISSING  # a file or a folder of files
     format: str = "auto"
     id_column: str | None = None  # else a content hash of the input columns
     keep_columns: list[str] = field(default_factory=list)  # input columns copied to the outputs
-    limit: int | None = None
+    limit: int | None = None  # the corpus's first rows only; null: every row
     drop_duplicates: bool = False  # without an id column, identical rows are refused unless this is set
 
 
@@ -113,20 +118,20 @@ class DataConfig:
 class ClusterConfig:
     kind: str = "local"
     address: str | None = None  # kind=existing: "auto" or "ray://host:10001"
-    num_actors: int = 1
-    gpus_per_actor: float = 0.0
+    num_actors: int = 1  # generator actors: one per GPU on a cluster
+    gpus_per_actor: float = 0.0  # > 0 with model.device=cuda
     cpus_per_actor: float = 0.5  # fractional locally: whole CPUs per actor deadlock Ray on 2 cores
     memory_per_actor_gb: float | None = None  # Ray's reservation; null: model.actor_memory_gb; 0: none
     threads_per_actor: int = 2  # torch threads inside each actor
-    batch_size: int = 8
+    batch_size: int = 8  # rows decoded together by one actor
     local_num_cpus: int | None = None  # kind=local: CPUs Ray may use (default: all)
-    max_batch_retries: int = 1
+    max_batch_retries: int = 1  # a failed batch is retried, then split to isolate the failing rows
 
 
 @dataclass
 class OutputConfig:
-    dir: str = MISSING
-    mode: str = "resume"
+    dir: str = MISSING  # the run folder
+    mode: str = "resume"  # resume: skip ids already done; overwrite: replace; error: refuse a used folder
     price_per_device_hour: float = 0.0  # for cost per 1M generated tokens
     progress_every_s: float = 30.0  # log-line interval when stdout is not a terminal
 
@@ -162,7 +167,7 @@ def resolve_adapter(cfg: JobConfig) -> None:
     shipped = cfg.model.adapters.get(cfg.task.name, [])
     if cfg.skip.adapter == "auto" and cfg.skip.strategy == "adaptive":
         cfg.skip.adapter = adaptive_adapter(cfg.skip)
-    elif cfg.skip.adapter == "auto" and (cfg.skip.strategy != "uniform" or not shipped):
+    elif cfg.skip.adapter == "auto" and (cfg.skip.strategy not in ("uniform", "searched") or not shipped):
         cfg.skip.adapter = None
     if shipped:
         cfg.model.adapters[cfg.task.name] = [str(Path(p).expanduser().resolve()) for p in shipped]
@@ -216,6 +221,8 @@ def validate(cfg: JobConfig) -> None:
                 f"model.adapters.{cfg.task.name} lists {path!r}, which does not exist; train it with "
                 "jobs.finetune, remove it from the list, or set skip.adapter=null"
             )
+    if cfg.skip.full_depth_every < 0:
+        raise ValueError(f"skip.full_depth_every={cfg.skip.full_depth_every} must be >= 0 (0 = never)")
     if cfg.skip.strategy == "searched" and (cfg.skip.search_rows < 1 or cfg.skip.search_tokens < 2):
         raise ValueError("skip.search_rows must be >= 1 and skip.search_tokens >= 2")
     if cfg.skip.strategy == "adaptive":

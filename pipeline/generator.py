@@ -31,6 +31,7 @@ from skipengine import (
     GenerationStats,
     RowResult,
     SkipPlan,
+    full_plan,
     load_model,
     make_plan,
 )
@@ -39,6 +40,7 @@ from skipengine.calibrate import achieved_decode_speedup, measure_cost_model
 from skipengine.control import SpeedupController, kv_fraction, layer_speedup, threshold_for_target
 from skipengine.exits import load_exit_classifiers
 from skipengine.lora import adapter_plans, load_adapter
+from skipengine.plan import evenly_spaced
 from skipengine.search import SearchedPlans
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,14 @@ OUTPUT_SCHEMA = [
     ("node", pa.string()),
     ("batch_id", pa.string()),
 ]
+
+
+FULL_DEPTH_STATS = (
+    "full_depth_decode_s_per_token",
+    "full_depth_s_per_token",
+    "measured_decode_speedup",
+    "measured_speedup",
+)
 
 
 def build_plan(
@@ -91,6 +101,9 @@ def build_plan(
             searched=searched,
         )
 
+    def counted() -> SkipPlan:  # the layer count alone
+        return make_plan(engine.num_layers, "uniform", skip.target_speedup, skip.prefill, "layers")
+
     if not skip.adapter or (skip.strategy == "none" and skip.adapter == "auto"):
         return plain(), costs, None
     if skip.strategy == "none" or (skip.basis == "layers" and skip.adapter != "auto"):
@@ -98,7 +111,9 @@ def build_plan(
         return plain(), costs, skip.adapter
     candidates = list(shipped) if skip.adapter == "auto" else [skip.adapter]
     cost = costs[0] if skip.basis == "measured" else None
-    chosen = choose_adapter_plan(candidates, skip, engine.num_layers, cost, None if cost else plain())
+    # basis=layers: the plan (searched: its size only, the adapter brings its own searched layers)
+    sized = None if cost else counted() if skip.strategy == "searched" else plain()
+    chosen = choose_adapter_plan(candidates, skip, engine.num_layers, cost, sized)
     if chosen is not None:
         plan, adapter = chosen
         return plan, costs, adapter
@@ -125,17 +140,22 @@ def choose_adapter_plan(
     cost: CostModel | None,
     plan: SkipPlan | None,
 ) -> tuple[SkipPlan, str] | None:
-    """(plan, adapter) among the candidates' trained plans: with a cost model (basis=measured) those that
-    meet the target on this device, else the given plan only (basis=layers). The adapter trained for the
-    fewest plans wins, then the deepest plan: an adapter's training steps are shared among its plans, and
-    that costs more quality than a layer or two (README Quality: at the 2x plan the 2x-only adapter scores
-    15.5 ROUGE-L, the 10-20-layer range adapter 9.9)."""
+    """(plan, adapter) among the candidates' trained plans for this strategy (an adapter's evenly spaced
+    plans serve uniform, its others searched): with a cost model (basis=measured) those that meet the
+    target on this device, else those of the given plan's size (basis=layers; uniform: that very plan).
+    The adapter trained for the fewest plans wins, then the deepest plan: an adapter's training steps are
+    shared among its plans, and that costs more quality than a layer or two (docs/quality.md: at the 2x
+    plan the 2x-only adapter scores 15.5 ROUGE-L, the 10-20-layer range adapter 9.9)."""
     options = []
     for path in candidates:
-        trained = [kept for prefill, kept in adapter_plans(path) if prefill == skip.prefill]
+        trained = [
+            kept
+            for prefill, kept in adapter_plans(path)
+            if prefill == skip.prefill and serves(skip.strategy, kept, num_layers)
+        ]
         for kept in trained:
             if cost is None:
-                fits = kept == plan.kept_layers
+                fits = len(kept) == plan.num_kept and (skip.strategy != "uniform" or kept == plan.kept_layers)
             elif skip.target_speedup == 1.0:  # full depth was asked for: no layer is traded for an adapter
                 fits = len(kept) == num_layers
             else:
@@ -145,18 +165,22 @@ def choose_adapter_plan(
     if not options:
         return None
     *_, path, kept = max(options)
-    if cost is None:
-        return plan, path
     chosen = SkipPlan(
         num_layers=num_layers,
         kept_layers=kept,
         strategy=skip.strategy,
         prefill=skip.prefill,
         target_speedup=skip.target_speedup,
-        predicted_speedup=cost.speedup(len(kept)),
-        basis="measured",
+        predicted_speedup=cost.speedup(len(kept)) if cost else num_layers / len(kept),
+        basis="measured" if cost else "layers",
     )
     return chosen, path
+
+
+def serves(strategy: str, kept: tuple[int, ...], num_layers: int) -> bool:
+    """Whether an adapter's trained plan is one of this strategy's: full depth serves every strategy."""
+    uniform = kept == evenly_spaced(num_layers, len(kept))
+    return len(kept) == num_layers or (uniform if strategy == "uniform" else not uniform)
 
 
 def adaptive_engine(skip: SkipConfig, model: torch.nn.Module, tokenizer) -> Engine:
@@ -263,6 +287,7 @@ class Generator:
             if self.adapter:  # merged into the weights; the engine's frozen kernels are rebuilt from them
                 self.engine = Engine(load_adapter(model, self.adapter, self.plan), tokenizer)
         self.sampling = cfg.task.sampling()
+        self.batches = 0  # batches this actor has generated
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         # inside Ray, the node id; outside (a notebook, a benchmark) asking Ray would start it
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
@@ -282,7 +307,43 @@ class Generator:
         batch_id = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
         self._write(batch_id, rows, prompts, results)
         stats_row = self._stats_row(batch_id, results, stats, time.perf_counter() - start)
+        stats_row |= self._measure_full_depth([prompts[i].ids for i in ready], stats)
+        self.batches += 1
         return pa.Table.from_pylist([stats_row])
+
+    def _measure_full_depth(self, prompt_ids: list[list[int]], stats: list[GenerationStats]) -> dict:
+        """On every skip.full_depth_every-th batch, the same rows again at full depth, right after the plan
+        ran them: the achieved speedup measured on the job's own rows, per generated token (decode steps
+        alone, and prefill plus decode), since full depth may write a different number of tokens."""
+        every = self.cfg.skip.full_depth_every
+        measured = {key: None for key in FULL_DEPTH_STATS}
+        if (
+            not every
+            or self.batches % every
+            or self.plan.num_layers == 0
+            or not prompt_ids
+            or len(stats) != 1
+        ):
+            return measured
+        if not isinstance(self.plan, AdaptivePlan) and self.plan.is_full_depth:
+            return measured
+        try:
+            full = self.engine.generate(prompt_ids, full_plan(self.engine.num_layers), self.sampling).stats
+        except Exception as e:  # the measurement is extra: it never fails the batch
+            log.warning("full-depth measurement failed: %s: %s", type(e).__name__, e)
+            return measured
+        plan = stats[0]
+        if min(full.decode_row_steps, plan.decode_row_steps, full.num_generated_tokens) == 0:
+            return measured
+        full_step = full.decode_s / full.decode_row_steps
+        full_token = (full.prefill_s + full.decode_s) / full.num_generated_tokens
+        plan_token = (plan.prefill_s + plan.decode_s) / plan.num_generated_tokens
+        return {
+            "full_depth_decode_s_per_token": full_step,
+            "full_depth_s_per_token": full_token,
+            "measured_decode_speedup": full_step / (plan.decode_s / plan.decode_row_steps),
+            "measured_speedup": full_token / plan_token,
+        }
 
     def _generate_splitting(
         self, prompt_ids: list[list[int]]

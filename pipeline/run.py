@@ -262,6 +262,10 @@ def summarize(
         "achieved_decode_speedup_est": (
             sum(a * d for a, d in achieved) / sum(d for _, d in achieved) if achieved else None
         ),
+        # measured: the batches that also ran at full depth (skip.full_depth_every), weighted by decode time
+        "measured_decode_speedup": weighted(stats, "measured_decode_speedup"),
+        "measured_speedup": weighted(stats, "measured_speedup"),
+        "measured_batches": sum(r.get("measured_speedup") is not None for r in stats),
         "decode_s": decode_s,
         # layer-equivalents per token (layers run, plus K/V fills for adaptive exits), weighted by tokens
         "achieved_layer_speedup": (
@@ -290,6 +294,12 @@ def summarize(
     return summary
 
 
+def weighted(stats: list[dict], key: str) -> float | None:
+    """The batches' `key`, averaged with their decode time as weights; None when no batch has it."""
+    pairs = [(r[key], r["decode_s"]) for r in stats if r.get(key) is not None]
+    return sum(v * d for v, d in pairs) / sum(d for _, d in pairs) if pairs else None
+
+
 def on_target(speedups: list[float], target: float) -> str:
     """'N/M': of M batches' achieved speedups, N lie within 5% of the target."""
     return f"{sum(abs(s / target - 1) <= 0.05 for s in speedups)}/{len(speedups)}"
@@ -307,6 +317,11 @@ def human_summary(summary: dict) -> str:
         f"decode speedup: target {summary['target_speedup']:g}x, achieved (estimated from calibration) "
         + (f"{speed:.2f}x" if speed else "n/a"),
     ]
+    if summary.get("measured_batches"):
+        lines.append(
+            f"measured against full depth on {summary['measured_batches']} batch(es) of this run: decode "
+            f"{summary['measured_decode_speedup']:.2f}x, prefill + decode {summary['measured_speedup']:.2f}x"
+        )
     if summary.get("batches_within_5pct"):
         lines.append(
             f"adaptive exits: layer speedup {summary['achieved_layer_speedup']:.2f}x, "

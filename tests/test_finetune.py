@@ -335,6 +335,30 @@ def test_auto_picks_the_adapter_with_fewest_plans_then_the_deepest_plan(tmp_path
     assert none is None and plan.num_kept == 7  # auto with no adapter for the plan runs without one
 
 
+def test_auto_serves_a_strategy_only_with_adapter_plans_of_that_strategy(tmp_path, tokenizer):
+    """An adapter's evenly spaced plans serve uniform and its other plans serve searched, on either basis;
+    the searched run then takes the adapter's own kept layers."""
+    from pipeline.config import SkipConfig
+    from pipeline.generator import build_plan, choose_adapter_plan
+    from skipengine import CostModel, Engine, SkipPlan
+
+    model = add_lora(build_llama(tokenizer), rank=4, alpha=8)
+    searched_plans = [SkipPlan(8, kept) for kept in ((0, 1, 2, 7), (0, 1, 7))]
+    searched = str(save_adapter(model, tmp_path / "searched", searched_plans))
+    uniform = str(save_adapter(model, tmp_path / "uniform", [make_plan(8, "uniform", 2.0)]))
+    cost = CostModel(fixed_s=1e-3, per_layer_s=1e-3, num_layers=8, batch_size=8, device="cpu")
+    skip = SkipConfig(strategy="searched", basis="measured", target_speedup=2.0, adapter="auto")
+    plan, path = choose_adapter_plan([uniform, searched], skip, 8, cost, None)
+    assert path == searched and plan.kept_layers == (0, 1, 7) and plan.strategy == "searched"
+    as_uniform = replace(skip, strategy="uniform", target_speedup=1.75)  # 4 layers: 9 ms / 5 ms = 1.8x
+    plan, path = choose_adapter_plan([uniform, searched], as_uniform, 8, cost, None)
+    assert path == uniform and plan.kept_layers == make_plan(8, "uniform", 2.0).kept_layers
+    layers = replace(skip, basis="layers", measure_achieved=False)  # 2x: 4 layers, the adapter's own
+    engine = Engine(build_llama(tokenizer), tokenizer)
+    plan, _, path = build_plan(layers, engine, 2, [uniform, searched], searched=None)
+    assert path == searched and plan.kept_layers == (0, 1, 2, 7) and plan.predicted_speedup == 2.0
+
+
 def test_skip_none_loads_an_explicit_full_depth_adapter_and_refuses_a_skip_one(tmp_path, tokenizer):
     from pipeline.config import SkipConfig
     from pipeline.generator import build_plan

@@ -242,3 +242,18 @@ def test_a_failing_batch_is_retried_then_split_down_to_the_bad_row(tmp_path, tin
     for row, exp in zip(rows, expected.rows, strict=True):
         if row["doc"] != "d005":
             assert out[row["doc"]]["generated_text"] == exp.text
+
+
+@pytest.mark.parametrize("every, measured_batches", [(1, 3), (2, 2), (0, 0)])
+def test_full_depth_reruns_measure_the_achieved_speedup_on_the_jobs_own_rows(
+    tmp_path, tiny_model_dir, every, measured_batches
+):
+    cfg = job(tiny_model_dir, write_jsonl(tmp_path / "c.jsonl", corpus_rows(10)), tmp_path / "run")
+    cfg.skip.full_depth_every = every
+    summary = run_job(cfg)
+    stats = pq.read_table(tmp_path / "run" / "stats").to_pylist()  # batches of 4, 4, 2 on one actor
+    measured = [s for s in stats if s["measured_speedup"] is not None]
+    assert summary["measured_batches"] == len(measured) == measured_batches
+    assert all(s["measured_decode_speedup"] > 0 and s["full_depth_s_per_token"] > 0 for s in measured)
+    assert (summary["measured_speedup"] is None) == (measured_batches == 0)
+    assert len(outputs(tmp_path / "run")) == 10  # the full-depth reruns write nothing
