@@ -100,6 +100,11 @@ def run_job(cfg: JobConfig) -> dict:
     validate(cfg)
     check_plan_up_front(cfg)
     run = RunDir(cfg.output.dir)
+    with run.locked():
+        return _run_locked(cfg, run)
+
+
+def _run_locked(cfg: JobConfig, run: RunDir) -> dict:
     config = asdict(cfg)
     started_ray = start_ray(cfg)
     try:
@@ -195,10 +200,12 @@ def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunD
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cluster.threads_per_actor)}},
     )
     progress = Progress(pending, cfg.output.progress_every_s)
-    stats_rows = []
+    stats_rows, started = [], time.perf_counter()
     try:
         for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():
+                if not stats_rows:  # start-up: from here to the first batch, less that batch's own time
+                    row["startup_s"] = max(0.0, time.perf_counter() - started - row["wall_s"])
                 stats_rows.append(row)
                 progress.update(row["rows"], row["tokens_out"])
     finally:
@@ -226,7 +233,8 @@ def summarize(
     )
     errored = len(outputs) - outputs.column("error").null_count if outputs is not None else 0  # null = fine
     tokens_now = sum(r["tokens_out"] for r in stats)
-    device_hours = wall * cfg.cluster.num_actors / 3600
+    # each actor holds its GPUs for the whole run (a fractional GPU counts as one), a CPU actor counts once
+    device_hours = wall * cfg.cluster.num_actors * max(1.0, cfg.cluster.gpus_per_actor) / 3600
     decode_s = sum(r["decode_s"] for r in stats)
     achieved = [
         (r["achieved_decode_speedup_est"], r["decode_s"]) for r in stats if r["achieved_decode_speedup_est"]
@@ -254,8 +262,11 @@ def summarize(
         "num_actors": cfg.cluster.num_actors,
         "device_hours": device_hours,
         "price_per_device_hour": cfg.output.price_per_device_hour,
+        "startup_s": stats[0].get("startup_s") if stats else None,
         "cost_per_1m_tokens": (
-            cfg.output.price_per_device_hour * device_hours / (tokens_now / 1e6) if tokens_now else None
+            cfg.output.price_per_device_hour * device_hours / (tokens_now / 1e6)
+            if tokens_now and cfg.output.price_per_device_hour
+            else None
         ),
         "target_speedup": cfg.skip.target_speedup,
         "predicted_speedup": stats[0]["predicted_speedup"] if stats else None,
@@ -312,7 +323,14 @@ def human_summary(summary: dict) -> str:
         f"rows: {summary['rows_in']} in, {summary['rows_ok']} ok, {summary['rows_error']} errored "
         f"({summary['rows_resumed']} done by an earlier run) — {check}",
         f"generated {summary['tokens_out_now']} tokens in {summary['wall_s']:.1f}s "
-        f"({summary['tokens_per_s']:.1f} tok/s, {summary['device_hours']:.4f} device-hours)",
+        f"({summary['tokens_per_s']:.1f} tok/s, {summary['device_hours']:.4f} device-hours"
+        + (f", start-up {summary['startup_s']:.1f}s" if summary.get("startup_s") is not None else "")
+        + "), cost per 1M tokens: "
+        + (
+            f"{summary['cost_per_1m_tokens']:.4g} at {summary['price_per_device_hour']:g} per device-hour"
+            if summary.get("cost_per_1m_tokens") is not None
+            else "n/a (set output.price_per_device_hour)"
+        ),
         f"plan: {summary['plan']}" + (f", adapter {summary['adapter']}" if summary.get("adapter") else ""),
         f"decode speedup: target {summary['target_speedup']:g}x, achieved (estimated from calibration) "
         + (f"{speed:.2f}x" if speed else "n/a"),

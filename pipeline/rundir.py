@@ -7,12 +7,18 @@ would mix results, so it is refused. Overwriting happens only when output.mode=o
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
+from filelock import FileLock, Timeout
 
 ARTIFACTS = (
     "outputs",
@@ -37,6 +43,27 @@ class RunDir:
         self.config = self.path / "config.yaml"
         self.summary = self.path / "summary.json"
         self.search = self.path / "search.json"
+        self.holder = self.path / ".lock.holder"  # who holds the folder's lock, for the refusal message
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder for one job: a second job on it is refused at once, naming the holder."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.path / ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            holder = self.holder.read_text().strip() if self.holder.exists() else "unknown"
+            raise FileExistsError(
+                f"output.dir={str(self.path)!r} is in use by another job ({holder}); wait for it to end or "
+                "choose another output.dir"
+            ) from None
+        try:
+            self.holder.write_text(f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}\n")
+            yield
+        finally:
+            self.holder.unlink(missing_ok=True)
+            lock.release()
 
     def has_results(self) -> bool:
         return self.outputs.exists() and any(self.outputs.glob("part-*.parquet"))

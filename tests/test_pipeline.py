@@ -1,6 +1,7 @@
 """The Ray Data job on a tiny local model: sources, bad rows, validation, resume, per-batch stats."""
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -257,3 +258,39 @@ def test_full_depth_reruns_measure_the_achieved_speedup_on_the_jobs_own_rows(
     assert all(s["measured_decode_speedup"] > 0 and s["full_depth_s_per_token"] > 0 for s in measured)
     assert (summary["measured_speedup"] is None) == (measured_batches == 0)
     assert len(outputs(tmp_path / "run")) == 10  # the full-depth reruns write nothing
+
+
+def test_a_second_job_on_a_folder_in_use_is_refused_at_once_naming_the_holder(tmp_path, tiny_model_dir):
+    cfg = job(tiny_model_dir, write_jsonl(tmp_path / "c.jsonl", corpus_rows(4)), tmp_path / "run")
+    with RunDir(tmp_path / "run").locked():
+        with pytest.raises(FileExistsError, match=rf"in use by another job \(pid {os.getpid()} on "):
+            run_job(cfg)
+        assert not (tmp_path / "run" / "outputs").exists()
+    summary = run_job(cfg)  # released: the folder is free again
+    assert summary["rows_ok"] == 4 and not (tmp_path / "run" / ".lock.holder").exists()
+
+
+@pytest.mark.parametrize("price", [0.0, 2.5])
+def test_cost_is_null_without_a_price_and_device_hours_count_each_actors_gpus(
+    tmp_path, tiny_model_dir, price
+):
+    from pipeline.run import summarize
+
+    cfg = job(tiny_model_dir, tmp_path, tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    cfg.output.price_per_device_hour, cfg.cluster.num_actors, cfg.cluster.gpus_per_actor = price, 2, 4
+    summary = summarize(cfg, RunDir(tmp_path / "run"), [], 0, [], wall=3600.0)
+    assert summary["device_hours"] == pytest.approx(8.0)  # 1 hour x 2 actors x 4 GPUs
+    stats = [
+        {
+            "tokens_out": 2_000_000,
+            "rows": 1,
+            "decode_s": 1.0,
+            "achieved_decode_speedup_est": None,
+            "achieved_layer_speedup": 1.0,
+            "plan": "p",
+            "predicted_speedup": 1.0,
+        }
+    ]
+    summary = summarize(cfg, RunDir(tmp_path / "run"), [], 0, stats, wall=3600.0)
+    assert summary["cost_per_1m_tokens"] == (None if price == 0 else pytest.approx(2.5 * 8 / 2))
