@@ -330,7 +330,7 @@ def train(
 
     checkpoint, start = out / "checkpoint.pt", 0
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=True)  # tensors and numbers only: no pickled code
         restore_trained_state(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]

@@ -158,8 +158,17 @@ def load_model(
         raise ValueError(f"model.device={device!r} but CUDA is not available here; use model.device=cpu")
     torch_dtype = resolve_dtype(dtype)
     source = resolve(spec)
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    local = Path(source).is_dir()
+    # a local model never reaches the network, and loads safetensors (no pickle) where the folder has them
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    if getattr(config, "auto_map", None) and not trust_remote_code:
+        raise ValueError(
+            f"model={spec!r} ships its own Python code (auto_map in config.json), which runs only with "
+            "model.trust_remote_code=true; set it if you trust that code"
+        )
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    model = auto.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    safetensors = local and any(Path(source).glob("*.safetensors"))
+    model = auto.from_pretrained(source, dtype=torch_dtype, use_safetensors=safetensors or None, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     return model.to(device).eval(), tokenizer
