@@ -263,6 +263,7 @@ class Generator:
         outputs_dir: str,
         calibration_texts: list[str] | None = None,
         searched: SearchedPlans | None = None,
+        column_types: dict[str, pa.DataType] | None = None,
     ):
         torch.set_num_threads(cfg.cluster.threads_per_actor)
         self.cfg = cfg
@@ -287,6 +288,7 @@ class Generator:
             if self.adapter:  # merged into the weights; the engine's frozen kernels are rebuilt from them
                 self.engine = Engine(load_adapter(model, self.adapter, self.plan), tokenizer)
         self.sampling = cfg.task.sampling()
+        self.column_types = column_types or {}  # copied input columns: their type over the whole corpus
         self.batches = 0  # batches this actor has generated
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         # inside Ray, the node id; outside (a notebook, a benchmark) asking Ray would start it
@@ -393,7 +395,9 @@ class Generator:
                 columns[name].append(value)
         table = pa.table({name: pa.array(columns[name], kind) for name, kind in OUTPUT_SCHEMA})
         for name in keep:
-            table = table.append_column(name, pa.array([row.get(name) for row in rows]))
+            # the corpus's own type, so an all-null batch writes the same schema as every other part file
+            values = pa.array([row.get(name) for row in rows], self.column_types.get(name))
+            table = table.append_column(name, values)
         final = self.outputs_dir / f"part-{batch_id}.parquet"
         tmp = self.outputs_dir / f".tmp-{batch_id}-{uuid.uuid4().hex[:8]}.parquet"
         pq.write_table(table, tmp)

@@ -165,6 +165,8 @@ def search_layers(cfg: JobConfig, texts: list[str], run: RunDir) -> SearchedPlan
 
 def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunDir) -> list[dict]:
     calibration, searched = None, None
+    copied = [*cfg.data.keep_columns, *([cfg.task.reference_column] if cfg.task.reference_column else [])]
+    column_types = sources.arrow_types(ds, copied)
     if cfg.skip.strategy == "adaptive":
         calibration = first_texts(ds, cfg, cfg.skip.calibration_rows)
     if cfg.skip.strategy == "searched":
@@ -184,6 +186,7 @@ def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunD
             "outputs_dir": str(run.outputs.resolve()),
             "calibration_texts": calibration,
             "searched": searched,
+            "column_types": column_types,
         },
         batch_size=cluster.batch_size,
         batch_format="pyarrow",

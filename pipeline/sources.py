@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -113,3 +114,18 @@ def input_ids(ds: ray.data.Dataset, data: DataConfig) -> list[str]:
             "content hashes collide; give each row a unique id column (data.id_column) or remove duplicates"
         )
     return ids  # type: ignore[return-value]
+
+
+def arrow_types(ds: ray.data.Dataset, columns: list[str]) -> dict[str, pa.DataType]:
+    """Each column's Arrow type over the whole (materialized) dataset, whose blocks may be Arrow or pandas:
+    a batch whose values are all null would otherwise type its column null. Columns whose type cannot be
+    told (pandas object dtype) are left out."""
+    schema = ds.schema()
+    types = {}
+    for name, kind in zip(schema.names, schema.types, strict=True):
+        if name not in columns:
+            continue
+        kind = kind if isinstance(kind, pa.DataType) else pa.Array.from_pandas(pd.Series([], dtype=kind)).type
+        if not pa.types.is_null(kind):
+            types[name] = kind
+    return types

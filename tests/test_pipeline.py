@@ -294,3 +294,17 @@ def test_cost_is_null_without_a_price_and_device_hours_count_each_actors_gpus(
     ]
     summary = summarize(cfg, RunDir(tmp_path / "run"), [], 0, stats, wall=3600.0)
     assert summary["cost_per_1m_tokens"] == (None if price == 0 else pytest.approx(2.5 * 8 / 2))
+
+
+def test_every_part_file_has_the_same_schema_when_a_batch_is_all_null(tmp_path, tiny_model_dir):
+    rows = [r | {"note": None if i < 4 else f"n{i}"} for i, r in enumerate(corpus_rows(8))]
+    cfg = job(
+        tiny_model_dir,
+        write_jsonl(tmp_path / "c.jsonl", rows),
+        tmp_path / "run",
+        data={"keep_columns": ["note"]},
+    )
+    run_job(cfg)
+    schemas = {pq.read_schema(p) for p in (tmp_path / "run" / "outputs").glob("part-*.parquet")}
+    note = next(iter(schemas)).field("note").type
+    assert len(schemas) == 1 and (pa.types.is_string(note) or pa.types.is_large_string(note))
