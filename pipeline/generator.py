@@ -123,6 +123,13 @@ def build_plan(
             f"{skip.target_speedup:g} on {cost.device} at batch {cost.batch_size}; train one that covers "
             "fewer kept layers (jobs.finetune kept=[...]) or lower the target"
         )
+    if skip.strategy == "searched" and searched is None:
+        raise ValueError(
+            f"skip.adapter={skip.adapter!r}: no adapter trained for searched plans serves "
+            f"skip.target_speedup={skip.target_speedup:g} here; set skip.adapter=null to search this "
+            "corpus's own plan, or train "
+            "an adapter for fewer layers (jobs.finetune strategy=searched kept=[...])"
+        )
     plan = plain()
     log.warning(
         "skip.adapter=auto: no shipped adapter serves %s (shipped: %s); running without one, expect "

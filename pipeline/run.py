@@ -22,11 +22,12 @@ from transformers import AutoConfig
 
 from pipeline import sources
 from pipeline.config import JobConfig, actor_memory, resolve_adapter, validate
-from pipeline.generator import Generator
+from pipeline.generator import Generator, serves
 from pipeline.progress import Progress
 from pipeline.prompts import PromptBuilder
 from pipeline.rundir import RunDir
 from skipengine import Engine, load
+from skipengine.lora import adapter_plans
 from skipengine.plan import make_plan
 from skipengine.search import SearchedPlans, cached_search
 
@@ -141,6 +142,26 @@ def first_texts(ds: ray.data.Dataset, cfg: JobConfig, rows: int) -> list[str]:
     return [r[cfg.task.input_column] for r in first if isinstance(r[cfg.task.input_column], str)]
 
 
+def searched_adapters(cfg: JobConfig) -> list[str]:
+    """The adapters skip.adapter names (auto: the shipped ones) that were trained for searched plans."""
+    skip = cfg.skip
+    if not skip.adapter:
+        return []
+    candidates = cfg.model.adapters.get(cfg.task.name, []) if skip.adapter == "auto" else [skip.adapter]
+    config = AutoConfig.from_pretrained(
+        load.resolve(cfg.model.spec), trust_remote_code=cfg.model.trust_remote_code
+    )
+    layers = config.num_hidden_layers
+    return [
+        path
+        for path in candidates
+        if any(
+            prefill == skip.prefill and len(kept) < layers and serves("searched", kept, layers)
+            for prefill, kept in adapter_plans(path)
+        )
+    ]
+
+
 def search_layers(cfg: JobConfig, texts: list[str], run: RunDir) -> SearchedPlans:
     """skip=searched: the layer search, once, in the driver, on the corpus's first rows (cached across
     runs); its result goes to search.json in the run folder and to every actor."""
@@ -169,7 +190,7 @@ def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunD
     column_types = sources.arrow_types(ds, copied)
     if cfg.skip.strategy == "adaptive":
         calibration = first_texts(ds, cfg, cfg.skip.calibration_rows)
-    if cfg.skip.strategy == "searched":
+    if cfg.skip.strategy == "searched" and not searched_adapters(cfg):  # else the adapter brings its layers
         searched = search_layers(cfg, first_texts(ds, cfg, cfg.skip.search_rows), run)
     ds = sources.with_ids(ds, cfg.data)
     if done:
