@@ -359,7 +359,7 @@ def test_auto_serves_a_strategy_only_with_adapter_plans_of_that_strategy(tmp_pat
     assert path == searched and plan.kept_layers == (0, 1, 2, 7) and plan.predicted_speedup == 2.0
     # no search was run (an adapter for searched plans was expected to serve) and none serves: say what to do
     with pytest.raises(ValueError, match="skip.adapter=null to search"):
-        build_plan(replace(layers, target_speedup=8 / 3), engine, 2, [uniform, searched], searched=None)
+        build_plan(replace(layers, target_speedup=4.0), engine, 2, [uniform, searched], searched=None)
 
 
 def test_skip_none_loads_an_explicit_full_depth_adapter_and_refuses_a_skip_one(tmp_path, tokenizer):
