@@ -10,6 +10,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,9 +29,12 @@ def swept_values() -> str | None:
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return None
     parser = OverridesParser.create()
-    args = [a for a in sys.argv[1:] if not a.startswith("-")]
-    swept = {o.key_or_group for o in parser.parse_overrides(args) if o.is_sweep_override()}
-    job = {o.key_or_group: o.value() for o in parser.parse_overrides(list(hydra_cfg.overrides.task))}
+    try:
+        args = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+        swept = {o.key_or_group for o in parser.parse_overrides(args) if o.is_sweep_override()}
+        job = {o.key_or_group: o.value() for o in parser.parse_overrides(list(hydra_cfg.overrides.task))}
+    except OverrideParseException:  # an argument Hydra takes that is not an override: number the jobs
+        return str(hydra_cfg.job.num)
     return ",".join(f"{key}={job[key]}" for key in sorted(swept) if key in job) or str(hydra_cfg.job.num)
 
 

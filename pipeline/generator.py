@@ -64,6 +64,7 @@ OUTPUT_SCHEMA = [
 
 
 FULL_DEPTH_STATS = (
+    "full_depth_rerun_s",
     "full_depth_decode_s_per_token",
     "full_depth_s_per_token",
     "measured_decode_speedup",
@@ -106,7 +107,9 @@ def build_plan(
 
     if not skip.adapter or (skip.strategy == "none" and skip.adapter == "auto"):
         return plain(), costs, None
-    if skip.strategy == "none" or (skip.basis == "layers" and skip.adapter != "auto"):
+    if skip.strategy == "none" or (
+        skip.basis == "layers" and skip.adapter != "auto" and skip.strategy != "searched"
+    ):
         # e.g. a full-depth baseline adapter; load_adapter refuses one trained for another plan
         return plain(), costs, skip.adapter
     candidates = list(shipped) if skip.adapter == "auto" else [skip.adapter]
@@ -123,7 +126,8 @@ def build_plan(
             f"{skip.target_speedup:g} on {cost.device} at batch {cost.batch_size}; train one that covers "
             "fewer kept layers (jobs.finetune kept=[...]) or lower the target"
         )
-    if skip.strategy == "searched" and searched is None:
+    if skip.strategy == "searched" and searched is None and skip.target_speedup > 1.0:
+        # the driver left the search to the adapters (pipeline.run.searched_adapters); none serves here
         raise ValueError(
             f"skip.adapter={skip.adapter!r}: no adapter trained for searched plans serves "
             f"skip.target_speedup={skip.target_speedup:g} here; set skip.adapter=null to search this "
@@ -295,6 +299,13 @@ class Generator:
             if self.adapter:  # merged into the weights; the engine's frozen kernels are rebuilt from them
                 self.engine = Engine(load_adapter(model, self.adapter, self.plan), tokenizer)
         self.sampling = cfg.task.sampling()
+        repeats = self.sampling.repetition_penalty != 1.0 or self.sampling.no_repeat_ngram_size
+        if self.engine.adapter is None and repeats and not self.sampling.penalize_prompt:
+            raise ValueError(  # HF generate() runs this model: its repetition settings count the prompt
+                f"model {cfg.model.spec!r} has no native adapter, so task.penalize_prompt=false cannot "
+                "apply; set task.penalize_prompt=true or turn off task.repetition_penalty and "
+                "task.no_repeat_ngram_size"
+            )
         self.column_types = column_types or {}  # copied input columns: their type over the whole corpus
         self.batches = 0  # batches this actor has generated
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
@@ -336,8 +347,12 @@ class Generator:
             return measured
         if not isinstance(self.plan, AdaptivePlan) and self.plan.is_full_depth:
             return measured
+        started = time.perf_counter()
         try:
-            full = self.engine.generate(prompt_ids, full_plan(self.engine.num_layers), self.sampling).stats
+            full_depth = full_plan(self.engine.num_layers)
+            full = self.engine.generate(
+                prompt_ids, full_depth, self.sampling, self.cfg.task.on_too_long
+            ).stats
         except Exception as e:  # the measurement is extra: it never fails the batch
             log.warning("full-depth measurement failed: %s: %s", type(e).__name__, e)
             return measured
@@ -348,6 +363,7 @@ class Generator:
         full_token = (full.prefill_s + full.decode_s) / full.num_generated_tokens
         plan_token = (plan.prefill_s + plan.decode_s) / plan.num_generated_tokens
         return {
+            "full_depth_rerun_s": time.perf_counter() - started,
             "full_depth_decode_s_per_token": full_step,
             "full_depth_s_per_token": full_token,
             "measured_decode_speedup": full_step / (plan.decode_s / plan.decode_row_steps),

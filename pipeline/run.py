@@ -229,7 +229,8 @@ def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunD
         for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():
                 if not stats_rows:  # start-up: from here to the first batch, less that batch's own time
-                    row["startup_s"] = max(0.0, time.perf_counter() - started - row["wall_s"])
+                    batch_s = row["wall_s"] + (row.get("full_depth_rerun_s") or 0.0)
+                    row["startup_s"] = max(0.0, time.perf_counter() - started - batch_s)
                 stats_rows.append(row)
                 progress.update(row["rows"], row["tokens_out"])
     finally:

@@ -360,6 +360,13 @@ def test_auto_serves_a_strategy_only_with_adapter_plans_of_that_strategy(tmp_pat
     # no search was run (an adapter for searched plans was expected to serve) and none serves: say what to do
     with pytest.raises(ValueError, match="skip.adapter=null to search"):
         build_plan(replace(layers, target_speedup=4.0), engine, 2, [uniform, searched], searched=None)
+    # full depth needs no search; an adapter named explicitly brings its own searched layers too
+    plan, _, path = build_plan(
+        replace(layers, target_speedup=1.0), engine, 2, [uniform, searched], searched=None
+    )
+    assert plan.is_full_depth and path is None
+    plan, _, path = build_plan(replace(layers, adapter=searched), engine, 2, [], searched=None)
+    assert path == searched and plan.kept_layers == (0, 1, 2, 7)
 
 
 def test_skip_none_loads_an_explicit_full_depth_adapter_and_refuses_a_skip_one(tmp_path, tokenizer):
