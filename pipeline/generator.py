@@ -32,6 +32,7 @@ from skipengine import (
     RowResult,
     SkipPlan,
     full_plan,
+    generic,
     load_model,
     make_plan,
 )
@@ -299,13 +300,8 @@ class Generator:
             if self.adapter:  # merged into the weights; the engine's frozen kernels are rebuilt from them
                 self.engine = Engine(load_adapter(model, self.adapter, self.plan), tokenizer)
         self.sampling = cfg.task.sampling()
-        repeats = self.sampling.repetition_penalty != 1.0 or self.sampling.no_repeat_ngram_size
-        if self.engine.adapter is None and repeats and not self.sampling.penalize_prompt:
-            raise ValueError(  # HF generate() runs this model: its repetition settings count the prompt
-                f"model {cfg.model.spec!r} has no native adapter, so task.penalize_prompt=false cannot "
-                "apply; set task.penalize_prompt=true or turn off task.repetition_penalty and "
-                "task.no_repeat_ngram_size"
-            )
+        if self.engine.adapter is None:  # here, not per batch: a refused setting would error every row
+            generic.check_sampling(self.engine.model, self.sampling)
         self.column_types = column_types or {}  # copied input columns: their type over the whole corpus
         self.batches = 0  # batches this actor has generated
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
@@ -337,13 +333,7 @@ class Generator:
         alone, and prefill plus decode), since full depth may write a different number of tokens."""
         every = self.cfg.skip.full_depth_every
         measured = {key: None for key in FULL_DEPTH_STATS}
-        if (
-            not every
-            or self.batches % every
-            or self.plan.num_layers == 0
-            or not prompt_ids
-            or len(stats) != 1
-        ):
+        if not every or self.batches % every or not prompt_ids or len(stats) != 1:
             return measured
         if not isinstance(self.plan, AdaptivePlan) and self.plan.is_full_depth:
             return measured

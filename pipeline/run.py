@@ -78,15 +78,20 @@ def check_pool_fits(cfg: JobConfig) -> None:
             )
 
 
+def model_layers(cfg: JobConfig) -> int | None:
+    """The model's decoder depth from its config alone, before any weights load."""
+    config = AutoConfig.from_pretrained(
+        load.resolve(cfg.model.spec), trust_remote_code=cfg.model.trust_remote_code
+    )
+    return getattr(config, "num_hidden_layers", None) or getattr(config, "decoder_layers", None)
+
+
 def check_plan_up_front(cfg: JobConfig) -> None:
     """A plan the model cannot take fails here, before actors load anything (basis=measured is checked
     by the actors, after they measure their device)."""
     if cfg.skip.strategy in ("none", "adaptive") or cfg.skip.basis == "measured":
         return
-    config = AutoConfig.from_pretrained(
-        load.resolve(cfg.model.spec), trust_remote_code=cfg.model.trust_remote_code
-    )
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "decoder_layers", None)
+    layers = model_layers(cfg)
     if layers:
         strategy = "uniform" if cfg.skip.strategy == "searched" else cfg.skip.strategy  # the count only
         make_plan(layers, strategy, cfg.skip.target_speedup, cfg.skip.prefill, "layers", seed=cfg.skip.seed)
@@ -148,10 +153,7 @@ def searched_adapters(cfg: JobConfig) -> list[str]:
     if not skip.adapter:
         return []
     candidates = cfg.model.adapters.get(cfg.task.name, []) if skip.adapter == "auto" else [skip.adapter]
-    config = AutoConfig.from_pretrained(
-        load.resolve(cfg.model.spec), trust_remote_code=cfg.model.trust_remote_code
-    )
-    layers = config.num_hidden_layers
+    layers = model_layers(cfg)
     return [
         path
         for path in candidates
@@ -261,9 +263,6 @@ def summarize(
     # each actor holds its GPUs for the whole run (a fractional GPU counts as one), a CPU actor counts once
     device_hours = wall * cfg.cluster.num_actors * max(1.0, cfg.cluster.gpus_per_actor) / 3600
     decode_s = sum(r["decode_s"] for r in stats)
-    achieved = [
-        (r["achieved_decode_speedup_est"], r["decode_s"]) for r in stats if r["achieved_decode_speedup_est"]
-    ]
     summary = {
         "output_dir": str(run.path),
         "model": cfg.model.spec,
@@ -295,9 +294,7 @@ def summarize(
         ),
         "target_speedup": cfg.skip.target_speedup,
         "predicted_speedup": stats[0]["predicted_speedup"] if stats else None,
-        "achieved_decode_speedup_est": (
-            sum(a * d for a, d in achieved) / sum(d for _, d in achieved) if achieved else None
-        ),
+        "achieved_decode_speedup_est": weighted(stats, "achieved_decode_speedup_est"),
         # measured: the batches that also ran at full depth (skip.full_depth_every), weighted by decode time
         "measured_decode_speedup": weighted(stats, "measured_decode_speedup"),
         "measured_speedup": weighted(stats, "measured_speedup"),

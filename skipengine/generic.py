@@ -91,6 +91,17 @@ class _FirstTokenClock(LogitsProcessor):
 
 
 @torch.inference_mode()
+def check_sampling(model: nn.Module, sampling: SamplingParams) -> None:
+    """HF generate() counts the prompt in its repetition settings: refuse asking it not to."""
+    repeats = sampling.repetition_penalty != 1.0 or sampling.no_repeat_ngram_size
+    if repeats and not sampling.penalize_prompt:
+        raise ValueError(
+            f"{type(model).__name__} has no native adapter, so its repetition settings count the prompt "
+            "(HF generate()); set task.penalize_prompt=true, or turn off task.repetition_penalty and "
+            "task.no_repeat_ngram_size"
+        )
+
+
 def generate(
     model: nn.Module,
     prompts: list[list[int]],
@@ -106,12 +117,7 @@ def generate(
             f"{type(model).__name__} has no native adapter, so its prompt cannot run at full depth while "
             "decode skips; use skip.prefill=skip"
         )
-    repeats = sampling.repetition_penalty != 1.0 or sampling.no_repeat_ngram_size
-    if repeats and not sampling.penalize_prompt:
-        raise ValueError(
-            f"{type(model).__name__} has no native adapter, so its repetition settings count the prompt "
-            "(HF generate()); set task.penalize_prompt=true"
-        )
+    check_sampling(model, sampling)
     batch = len(prompts)
     width = max(len(p) for p in prompts)
     input_ids = torch.full((batch, width), engine.pad_id, dtype=torch.long)

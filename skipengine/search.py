@@ -83,7 +83,8 @@ def sample_hash(prompts: Sequence[Sequence[int]], continuation_tokens: int) -> s
 
 
 class _Sample:
-    """The calibration batch: left-padded prompts, the full model's continuations, its log-probs there."""
+    """The calibration batch: left-padded prompts and the full model's continuations, with the prompt's
+    K/V at full depth already in the cache for prefill "full"."""
 
     def __init__(self, engine: Engine, prompts: Sequence[Sequence[int]], tokens: int, prefill: str):
         ad, dev = engine.adapter, engine.device
