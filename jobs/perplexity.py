@@ -18,8 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from jobs.common import setup
 from pipeline.config import SkipConfig, adaptive_adapter
 from pipeline.corpora import read_austen
-from pipeline.generator import adaptive_engine, build_adaptive_plan, build_plan
-from skipengine import Engine, load_model
+from pipeline.generator import adaptive_engine, build_adaptive_plan
+from pipeline.planning import build_run_plan
+from skipengine import Engine, SamplingParams, load_model
 from skipengine.lora import load_adapter
 from skipengine.perplexity import adaptive_perplexity, perplexity, windows
 
@@ -42,7 +43,12 @@ def main(cfg: DictConfig) -> None:
         plan = build_adaptive_plan(skip, engine, chunks[: skip.calibration_rows])
         result = adaptive_perplexity(engine, chunks, plan, cfg.context)
     else:
-        plan, _, adapter = build_plan(skip, Engine(model, tokenizer), cfg.batch_size)
+        # basis=measured: the windows' first tokens as prompts, generating the rest of a window
+        sampling = SamplingParams(max_new_tokens=cfg.window_tokens - cfg.context)
+        prompts = [chunk[: cfg.context] for chunk in chunks]
+        engine = Engine(model, tokenizer)
+        chosen = build_run_plan(skip, engine.num_layers, lambda: (engine, prompts), sampling, cfg.batch_size)
+        plan, adapter = chosen.plan, chosen.adapter
         if adapter:
             model = load_adapter(model, adapter, plan)
         result = perplexity(model, chunks, plan, cfg.context, cfg.batch_size)

@@ -29,7 +29,7 @@ class ModelConfig:
     # its measured peak RSS with headroom (raise it for a bigger local model)
     actor_memory_gb: float = 2.5
     # task name -> the skip-aware adapters shipped for this model (uniform or searched plans);
-    # skip.adapter=auto picks one per plan in each actor (pipeline.generator.choose_adapter_plan)
+    # skip.adapter=auto picks one for the run's plan (pipeline.planning)
     adapters: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -75,16 +75,16 @@ class TaskConfig:
 class SkipConfig:
     strategy: str = "none"
     target_speedup: float = 1.0  # the speedup asked for; 1.0 = full depth
-    basis: str = "layers"  # layers: L / kept layers (the paper); measured: wall clock on this device
+    # layers: L / kept layers (the paper); measured: the deepest plan whose decode speedup, measured on the
+    # corpus's first batch against full depth on the actors' device, meets the target (pipeline.planning)
+    basis: str = "layers"
     prefill: str = "full"  # full: the prompt runs every layer; skip: the prompt skips too
     seed: int = 0  # strategy=random
-    # calibrate a full-depth cost model in each actor, so per-batch stats report the estimated speedup
-    measure_achieved: bool = True
     # every Nth batch of each actor, its first included, is generated again at full depth (not written)
     # to measure the achieved speedup on the job's own rows; 0 = never
     full_depth_every: int = 8
     # a skip-aware LoRA adapter (jobs.finetune) for this model and plan; "auto": the best of the model's
-    # shipped adapters for the task and plan (uniform), the exit classifiers' own adapter (adaptive)
+    # shipped adapters for the task and target (uniform, searched), the exit classifiers' own (adaptive)
     adapter: str | None = None
     # strategy=adaptive (ADEPT): per-token exits; see conf/skip/adaptive.yaml
     exit_classifiers: str | None = None  # jobs.train_exits output (criterion=classifier)

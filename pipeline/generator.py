@@ -14,7 +14,6 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,26 +22,14 @@ import ray
 import torch
 
 from pipeline.config import JobConfig, SkipConfig
+from pipeline.planning import RunPlan
 from pipeline.prompts import PromptBuilder
 from pipeline.sources import ID
-from skipengine import (
-    CostModel,
-    Engine,
-    GenerationStats,
-    RowResult,
-    SkipPlan,
-    full_plan,
-    generic,
-    load_model,
-    make_plan,
-)
+from skipengine import Engine, GenerationStats, RowResult, full_plan, generic, load_model
 from skipengine.adaptive import AdaptivePlan, exit_layers_for, exit_probabilities
-from skipengine.calibrate import achieved_decode_speedup, measure_cost_model
 from skipengine.control import SpeedupController, kv_fraction, layer_speedup, threshold_for_target
 from skipengine.exits import load_exit_classifiers
-from skipengine.lora import adapter_plans, load_adapter
-from skipengine.plan import evenly_spaced
-from skipengine.search import SearchedPlans
+from skipengine.lora import load_adapter
 
 log = logging.getLogger(__name__)
 
@@ -66,133 +53,11 @@ OUTPUT_SCHEMA = [
 
 FULL_DEPTH_STATS = (
     "full_depth_rerun_s",
-    "full_depth_decode_s_per_token",
-    "full_depth_s_per_token",
+    "full_depth_decode_s",
+    "full_depth_s",
     "measured_decode_speedup",
     "measured_speedup",
 )
-
-
-def build_plan(
-    skip: SkipConfig,
-    engine: Engine,
-    batch_size: int,
-    shipped: Sequence[str] = (),
-    searched: SearchedPlans | None = None,
-) -> tuple[SkipPlan, list[CostModel], str | None]:
-    """(plan, cost models, adapter path or None). Cost models are measured when the plan or the stats
-    need them. An adapter serves only the exact plans it was trained for, so with one the plan comes from
-    the adapter (basis=measured: its plans that meet the target on this device); skip.adapter=auto
-    chooses among the model's shipped adapters for the task (`shipped`, see choose_adapter_plan) and
-    runs without one, with a warning, when none serves the target."""
-    costs = []
-    if skip.strategy != "none" and (skip.basis == "measured" or skip.measure_achieved):
-        costs.append(measure_cost_model(engine, batch_size))
-        if batch_size > 1 and skip.measure_achieved:
-            costs.append(measure_cost_model(engine, 1))
-
-    def plain() -> SkipPlan:
-        return make_plan(
-            engine.num_layers,
-            skip.strategy,
-            skip.target_speedup,
-            skip.prefill,
-            skip.basis,
-            cost_model=costs[0] if costs else None,
-            seed=skip.seed,
-            searched=searched,
-        )
-
-    def counted() -> SkipPlan:  # the layer count alone
-        return make_plan(engine.num_layers, "uniform", skip.target_speedup, skip.prefill, "layers")
-
-    if not skip.adapter or (skip.strategy == "none" and skip.adapter == "auto"):
-        return plain(), costs, None
-    if skip.strategy == "none" or (
-        skip.basis == "layers" and skip.adapter != "auto" and skip.strategy != "searched"
-    ):
-        # e.g. a full-depth baseline adapter; load_adapter refuses one trained for another plan
-        return plain(), costs, skip.adapter
-    candidates = list(shipped) if skip.adapter == "auto" else [skip.adapter]
-    cost = costs[0] if skip.basis == "measured" else None
-    # basis=layers: the plan (searched: its size only, the adapter brings its own searched layers)
-    sized = None if cost else counted() if skip.strategy == "searched" else plain()
-    chosen = choose_adapter_plan(candidates, skip, engine.num_layers, cost, sized)
-    if chosen is not None:
-        plan, adapter = chosen
-        return plan, costs, adapter
-    if skip.adapter != "auto":
-        raise ValueError(
-            f"skip.adapter={skip.adapter!r} has no plan that meets skip.target_speedup="
-            f"{skip.target_speedup:g} on {cost.device} at batch {cost.batch_size}; train one that covers "
-            "fewer kept layers (jobs.finetune kept=[...]) or lower the target"
-        )
-    if skip.strategy == "searched" and searched is None and skip.target_speedup > 1.0:
-        # the driver left the search to the adapters (pipeline.run.searched_adapters); none serves here
-        raise ValueError(
-            f"skip.adapter={skip.adapter!r}: no adapter trained for searched plans serves "
-            f"skip.target_speedup={skip.target_speedup:g} here; set skip.adapter=null to search this "
-            "corpus's own plan, or train "
-            "an adapter for fewer layers (jobs.finetune strategy=searched kept=[...])"
-        )
-    plan = plain()
-    log.warning(
-        "skip.adapter=auto: no shipped adapter serves %s (shipped: %s); running without one, expect "
-        "poor quality (train one with jobs.finetune)",
-        plan,
-        ", ".join(Path(p).name for p in candidates) or "none",
-    )
-    return plan, costs, None
-
-
-def choose_adapter_plan(
-    candidates: Sequence[str],
-    skip: SkipConfig,
-    num_layers: int,
-    cost: CostModel | None,
-    plan: SkipPlan | None,
-) -> tuple[SkipPlan, str] | None:
-    """(plan, adapter) among the candidates' trained plans for this strategy (an adapter's evenly spaced
-    plans serve uniform, its others searched): with a cost model (basis=measured) those that meet the
-    target on this device, else those of the given plan's size (basis=layers; uniform: that very plan).
-    The adapter trained for the fewest plans wins, then the deepest plan: an adapter's training steps are
-    shared among its plans, and that costs more quality than a layer or two (docs/quality.md: at the 2x
-    plan the 2x-only adapter scores 15.5 ROUGE-L, the 10-20-layer range adapter 9.9)."""
-    options = []
-    for path in candidates:
-        trained = [
-            kept
-            for prefill, kept in adapter_plans(path)
-            if prefill == skip.prefill and serves(skip.strategy, kept, num_layers)
-        ]
-        for kept in trained:
-            if cost is None:
-                fits = len(kept) == plan.num_kept and (skip.strategy != "uniform" or kept == plan.kept_layers)
-            elif skip.target_speedup == 1.0:  # full depth was asked for: no layer is traded for an adapter
-                fits = len(kept) == num_layers
-            else:
-                fits = cost.speedup(len(kept)) >= skip.target_speedup
-            if fits:
-                options.append((-len(trained), len(kept), path, kept))
-    if not options:
-        return None
-    *_, path, kept = max(options)
-    chosen = SkipPlan(
-        num_layers=num_layers,
-        kept_layers=kept,
-        strategy=skip.strategy,
-        prefill=skip.prefill,
-        target_speedup=skip.target_speedup,
-        predicted_speedup=cost.speedup(len(kept)) if cost else num_layers / len(kept),
-        basis="measured" if cost else "layers",
-    )
-    return chosen, path
-
-
-def serves(strategy: str, kept: tuple[int, ...], num_layers: int) -> bool:
-    """Whether an adapter's trained plan is one of this strategy's: full depth serves every strategy."""
-    uniform = kept == evenly_spaced(num_layers, len(kept))
-    return len(kept) == num_layers or (uniform if strategy == "uniform" else not uniform)
 
 
 def adaptive_engine(skip: SkipConfig, model: torch.nn.Module, tokenizer) -> Engine:
@@ -273,8 +138,8 @@ class Generator:
         self,
         cfg: JobConfig,
         outputs_dir: str,
+        run_plan: RunPlan | None = None,
         calibration_texts: list[str] | None = None,
-        searched: SearchedPlans | None = None,
         column_types: dict[str, pa.DataType] | None = None,
     ):
         torch.set_num_threads(cfg.cluster.threads_per_actor)
@@ -290,15 +155,11 @@ class Generator:
             calibration = [p.ids for p in map(self.prompts.build, calibration_texts or []) if p.ids]
             self.plan = build_adaptive_plan(cfg.skip, self.engine, calibration)
             self.kv_price = kv_fraction(self.engine.adapter)
-            self.costs = []
-        else:
+        else:  # the run's plan (pipeline.planning), the same in every actor
+            self.plan, self.adapter = run_plan.plan, run_plan.adapter
+            if self.adapter:  # merged before the engine builds its frozen kernels from the weights
+                model = load_adapter(model, self.adapter, self.plan)
             self.engine = Engine(model, tokenizer)
-            shipped = cfg.model.adapters.get(cfg.task.name, [])
-            self.plan, self.costs, self.adapter = build_plan(
-                cfg.skip, self.engine, cfg.cluster.batch_size, shipped, searched
-            )
-            if self.adapter:  # merged into the weights; the engine's frozen kernels are rebuilt from them
-                self.engine = Engine(load_adapter(model, self.adapter, self.plan), tokenizer)
         self.sampling = cfg.task.sampling()
         if self.engine.adapter is None:  # here, not per batch: a refused setting would error every row
             generic.check_sampling(self.engine.model, self.sampling)
@@ -329,8 +190,9 @@ class Generator:
 
     def _measure_full_depth(self, prompt_ids: list[list[int]], stats: list[GenerationStats]) -> dict:
         """On every skip.full_depth_every-th batch, the same rows again at full depth, right after the plan
-        ran them: the achieved speedup measured on the job's own rows, per generated token (decode steps
-        alone, and prefill plus decode), since full depth may write a different number of tokens."""
+        ran them: the achieved speedup measured on the job's own rows, for the decode steps alone and for
+        prefill plus decode. Both are for the same rows, so a plan whose rows run longer is slower by that.
+        (Full depth runs with the plan's adapter merged: its time, not its text, is what is measured.)"""
         every = self.cfg.skip.full_depth_every
         measured = {key: None for key in FULL_DEPTH_STATS}
         if not every or self.batches % every or not prompt_ids or len(stats) != 1:
@@ -347,17 +209,14 @@ class Generator:
             log.warning("full-depth measurement failed: %s: %s", type(e).__name__, e)
             return measured
         plan = stats[0]
-        if min(full.decode_row_steps, plan.decode_row_steps, full.num_generated_tokens) == 0:
+        if min(full.decode_s, plan.decode_s) <= 0:
             return measured
-        full_step = full.decode_s / full.decode_row_steps
-        full_token = (full.prefill_s + full.decode_s) / full.num_generated_tokens
-        plan_token = (plan.prefill_s + plan.decode_s) / plan.num_generated_tokens
         return {
             "full_depth_rerun_s": time.perf_counter() - started,
-            "full_depth_decode_s_per_token": full_step,
-            "full_depth_s_per_token": full_token,
-            "measured_decode_speedup": full_step / (plan.decode_s / plan.decode_row_steps),
-            "measured_speedup": full_token / plan_token,
+            "full_depth_decode_s": full.decode_s,
+            "full_depth_s": full.prefill_s + full.decode_s,
+            "measured_decode_speedup": full.decode_s / plan.decode_s,
+            "measured_speedup": (full.prefill_s + full.decode_s) / (plan.prefill_s + plan.decode_s),
         }
 
     def _generate_splitting(
@@ -432,15 +291,6 @@ class Generator:
             if prompt_tokens
             else float(len(self.plan.prefill_layers))
         )
-        merged = GenerationStats(
-            decode_s=decode,
-            decode_steps=sum(s.decode_steps for s in stats),
-            decode_row_steps=sum(s.decode_row_steps for s in stats),
-        )
-        # an estimate: modeled full-depth decode time (the actor's calibration) over the measured time
-        achieved = achieved_decode_speedup(self.costs, merged) if self.costs else None
-        if self.plan.is_full_depth:
-            achieved = 1.0
         return {
             "batch_id": batch_id,
             "actor": self.actor,
@@ -461,7 +311,6 @@ class Generator:
             "achieved_layer_speedup": layer_speedup(self.plan.num_layers, decode_layers, self.kv_price),
             "target_speedup": self.plan.target_speedup,
             "predicted_speedup": self.plan.predicted_speedup,
-            "achieved_decode_speedup_est": achieved,
             "plan": str(self.plan),
             "adapter": Path(self.adapter).name if self.adapter else None,
         }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict
@@ -18,18 +17,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from transformers import AutoConfig
 
-from pipeline import sources
+from pipeline import planning, sources
 from pipeline.config import JobConfig, actor_memory, resolve_adapter, validate
-from pipeline.generator import Generator, serves
+from pipeline.generator import Generator
+from pipeline.planning import RunPlan
 from pipeline.progress import Progress
-from pipeline.prompts import PromptBuilder
 from pipeline.rundir import RunDir
-from skipengine import Engine, load
-from skipengine.lora import adapter_plans
-from skipengine.plan import make_plan
-from skipengine.search import SearchedPlans, cached_search
 
 log = logging.getLogger("skipengine.job")
 
@@ -78,25 +72,6 @@ def check_pool_fits(cfg: JobConfig) -> None:
             )
 
 
-def model_layers(cfg: JobConfig) -> int | None:
-    """The model's decoder depth from its config alone, before any weights load."""
-    config = AutoConfig.from_pretrained(
-        load.resolve(cfg.model.spec), trust_remote_code=cfg.model.trust_remote_code
-    )
-    return getattr(config, "num_hidden_layers", None) or getattr(config, "decoder_layers", None)
-
-
-def check_plan_up_front(cfg: JobConfig) -> None:
-    """A plan the model cannot take fails here, before actors load anything (basis=measured is checked
-    by the actors, after they measure their device)."""
-    if cfg.skip.strategy in ("none", "adaptive") or cfg.skip.basis == "measured":
-        return
-    layers = model_layers(cfg)
-    if layers:
-        strategy = "uniform" if cfg.skip.strategy == "searched" else cfg.skip.strategy  # the count only
-        make_plan(layers, strategy, cfg.skip.target_speedup, cfg.skip.prefill, "layers", seed=cfg.skip.seed)
-
-
 def drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch.column(sources.ID), value_set=done)))
 
@@ -104,7 +79,6 @@ def drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
 def run_job(cfg: JobConfig) -> dict:
     resolve_adapter(cfg)
     validate(cfg)
-    check_plan_up_front(cfg)
     run = RunDir(cfg.output.dir)
     with run.locked():
         return _run_locked(cfg, run)
@@ -118,7 +92,11 @@ def _run_locked(cfg: JobConfig, run: RunDir) -> dict:
         ds = sources.read(cfg.data).materialize()  # read once: the checks, the manifest and the work share it
         sources.check_columns(ds, cfg.data, cfg.task)
         input_ids = sources.input_ids(ds, cfg.data)
+        run.check(cfg.output.mode, config)
+        plan = run_plan(cfg, ds, run)  # before overwrite deletes anything: a plan that fails stops here
         run.prepare(cfg.output.mode, config)
+        if plan is not None:
+            run.plan.write_text(plan.to_json())
         done = run.output_ids()
         unexpected = set(done) - set(input_ids)
         if unexpected:
@@ -130,9 +108,9 @@ def _run_locked(cfg: JobConfig, run: RunDir) -> dict:
         pending = len(input_ids) - len(done)
         log.info("%d input rows, %d already done, %d to generate", len(input_ids), len(done), pending)
         start = time.perf_counter()
-        stats_rows = generate(ds, done, pending, cfg, run) if pending else []
+        stats_rows = generate(ds, done, pending, cfg, run, plan) if pending else []
         wall = time.perf_counter() - start
-        summary = summarize(cfg, run, input_ids, len(done), stats_rows, wall)
+        summary = summarize(cfg, run, input_ids, len(done), stats_rows, wall, plan)
     finally:
         if started_ray:
             ray.shutdown()
@@ -147,53 +125,40 @@ def first_texts(ds: ray.data.Dataset, cfg: JobConfig, rows: int) -> list[str]:
     return [r[cfg.task.input_column] for r in first if isinstance(r[cfg.task.input_column], str)]
 
 
-def searched_adapters(cfg: JobConfig) -> list[str]:
-    """The adapters skip.adapter names (auto: the shipped ones) that were trained for searched plans."""
-    skip = cfg.skip
-    if not skip.adapter:
-        return []
-    candidates = cfg.model.adapters.get(cfg.task.name, []) if skip.adapter == "auto" else [skip.adapter]
-    layers = model_layers(cfg)
-    return [
-        path
-        for path in candidates
-        if any(
-            prefill == skip.prefill and len(kept) < layers and serves("searched", kept, layers)
-            for prefill, kept in adapter_plans(path)
-        )
-    ]
+def run_plan(cfg: JobConfig, ds: ray.data.Dataset, run: RunDir) -> RunPlan | None:
+    """The run's one plan: plan.json when resuming a run that has one, else built now (None: skip=adaptive,
+    whose actors calibrate their exit threshold on the same first rows)."""
+    if cfg.skip.strategy == "adaptive":
+        return None
+    if cfg.output.mode == "resume" and run.plan.is_file():
+        found = RunPlan.from_json(run.plan.read_text())
+        log.info("resuming with %s: %s", run.plan, found.plan)
+        measured = found.calibration
+        if measured and (measured["batch_size"], measured["device"].split()[0]) != (
+            cfg.cluster.batch_size,
+            cfg.model.device,
+        ):
+            log.warning(
+                "the plan was measured on %s at batch %d and is reused as it is on %s at batch %d; "
+                "output.mode=overwrite measures it again (and replaces the run)",
+                measured["device"],
+                measured["batch_size"],
+                cfg.model.device,
+                cfg.cluster.batch_size,
+            )
+        return found
+    rows = max(cfg.cluster.batch_size, cfg.skip.search_rows)
+    return planning.plan_run(cfg, first_texts(ds, cfg, rows))
 
 
-def search_layers(cfg: JobConfig, texts: list[str], run: RunDir) -> SearchedPlans:
-    """skip=searched: the layer search, once, in the driver, on the corpus's first rows (cached across
-    runs); its result goes to search.json in the run folder and to every actor."""
-    skip = cfg.skip
-    model, tokenizer = load.load_model(
-        cfg.model.spec, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code
-    )
-    engine = Engine(model, tokenizer)
-    builder = PromptBuilder(cfg.task, tokenizer)
-    prompts = [p.ids for p in map(builder.build, texts) if p.ids]
-    layers = engine.num_layers
-    min_kept = skip.search_min_kept or math.ceil(0.6 * layers / skip.target_speedup)
-    log.info(
-        "layer search on %d prompts of the corpus, down to %d of %d layers", len(prompts), min_kept, layers
-    )
-    found = cached_search(
-        engine, prompts, min_kept, skip.prefill, load.cache_root() / "searched", skip.search_tokens
-    )
-    run.search.write_text(found.to_json())
-    return found
-
-
-def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunDir) -> list[dict]:
-    calibration, searched = None, None
+def generate(
+    ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunDir, plan: RunPlan | None
+) -> list[dict]:
+    calibration = None
     copied = [*cfg.data.keep_columns, *([cfg.task.reference_column] if cfg.task.reference_column else [])]
     column_types = sources.arrow_types(ds, copied)
     if cfg.skip.strategy == "adaptive":
         calibration = first_texts(ds, cfg, cfg.skip.calibration_rows)
-    if cfg.skip.strategy == "searched" and not searched_adapters(cfg):  # else the adapter brings its layers
-        searched = search_layers(cfg, first_texts(ds, cfg, cfg.skip.search_rows), run)
     ds = sources.with_ids(ds, cfg.data)
     if done:
         ds = ds.map_batches(
@@ -207,8 +172,8 @@ def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunD
         fn_constructor_kwargs={
             "cfg": cfg,
             "outputs_dir": str(run.outputs.resolve()),
+            "run_plan": plan,
             "calibration_texts": calibration,
-            "searched": searched,
             "column_types": column_types,
         },
         batch_size=cluster.batch_size,
@@ -244,7 +209,13 @@ def generate(ds: ray.data.Dataset, done, pending: int, cfg: JobConfig, run: RunD
 
 
 def summarize(
-    cfg: JobConfig, run: RunDir, input_ids: list[str], resumed: int, stats: list[dict], wall: float
+    cfg: JobConfig,
+    run: RunDir,
+    input_ids: list[str],
+    resumed: int,
+    stats: list[dict],
+    wall: float,
+    plan: RunPlan | None = None,
 ) -> dict:
     counts = run.output_ids()
     missing = set(input_ids) - set(counts)
@@ -266,8 +237,8 @@ def summarize(
     summary = {
         "output_dir": str(run.path),
         "model": cfg.model.spec,
-        "plan": stats[0]["plan"] if stats else None,
-        "adapter": stats[0].get("adapter") if stats else None,
+        "plan": str(plan.plan) if plan else stats[0]["plan"] if stats else None,
+        "adapter": Path(adapter).name if (adapter := plan.adapter if plan else cfg.skip.adapter) else None,
         "rows_in": len(input_ids),
         "rows_out": sum(counts.values()),
         "rows_ok": (len(outputs) - errored) if outputs is not None else 0,
@@ -293,11 +264,21 @@ def summarize(
             else None
         ),
         "target_speedup": cfg.skip.target_speedup,
-        "predicted_speedup": stats[0]["predicted_speedup"] if stats else None,
-        "achieved_decode_speedup_est": weighted(stats, "achieved_decode_speedup_est"),
-        # measured: the batches that also ran at full depth (skip.full_depth_every), weighted by decode time
-        "measured_decode_speedup": weighted(stats, "measured_decode_speedup"),
-        "measured_speedup": weighted(stats, "measured_speedup"),
+        # the plan's decode speedup when it was chosen: measured on the corpus's first batch (basis=measured)
+        # or L / kept layers (basis=layers)
+        "predicted_speedup": plan.plan.predicted_speedup if plan else None,
+        "plan_basis": plan.plan.basis if plan else None,
+        "plan_measured_on": (
+            f"{plan.calibration['rows']} rows, {plan.calibration['device']}, batch "
+            f"{plan.calibration['batch_size']}"
+            if plan and plan.calibration
+            else None
+        ),
+        "plan_notes": plan.notes if plan else [],
+        # measured on the batches that also ran at full depth (skip.full_depth_every): their full-depth
+        # seconds over the plan's, for the same rows
+        "measured_decode_speedup": ratio(stats, "full_depth_decode_s", ("decode_s",)),
+        "measured_speedup": ratio(stats, "full_depth_s", ("prefill_s", "decode_s")),
         "measured_batches": sum(r.get("measured_speedup") is not None for r in stats),
         "decode_s": decode_s,
         # layer-equivalents per token (layers run, plus K/V fills for adaptive exits), weighted by tokens
@@ -327,10 +308,11 @@ def summarize(
     return summary
 
 
-def weighted(stats: list[dict], key: str) -> float | None:
-    """The batches' `key`, averaged with their decode time as weights; None when no batch has it."""
-    pairs = [(r[key], r["decode_s"]) for r in stats if r.get(key) is not None]
-    return sum(v * d for v, d in pairs) / sum(d for _, d in pairs) if pairs else None
+def ratio(stats: list[dict], full_key: str, plan_keys: tuple[str, ...]) -> float | None:
+    """Full depth's seconds over the plan's, summed over the batches that ran at both; None if none did."""
+    both = [r for r in stats if r.get(full_key) is not None]
+    plan_s = sum(r[key] for r in both for key in plan_keys)
+    return sum(r[full_key] for r in both) / plan_s if both and plan_s > 0 else None
 
 
 def on_target(speedups: list[float], target: float) -> str:
@@ -340,7 +322,6 @@ def on_target(speedups: list[float], target: float) -> str:
 
 def human_summary(summary: dict) -> str:
     check = "all input ids have exactly one output row" if summary["ids_check"]["ok"] else "ID MISMATCH"
-    speed = summary["achieved_decode_speedup_est"]
     lines = [
         f"rows: {summary['rows_in']} in, {summary['rows_ok']} ok, {summary['rows_error']} errored "
         f"({summary['rows_resumed']} done by an earlier run) — {check}",
@@ -354,9 +335,18 @@ def human_summary(summary: dict) -> str:
             else "n/a (set output.price_per_device_hour)"
         ),
         f"plan: {summary['plan']}" + (f", adapter {summary['adapter']}" if summary.get("adapter") else ""),
-        f"decode speedup: target {summary['target_speedup']:g}x, achieved (estimated from calibration) "
-        + (f"{speed:.2f}x" if speed else "n/a"),
     ]
+    if summary.get("predicted_speedup"):
+        how = (
+            f"measured on {summary['plan_measured_on']} when the plan was chosen"
+            if summary.get("plan_measured_on")
+            else "layers run (skip.basis=layers)"
+        )
+        lines.append(
+            f"decode speedup: target {summary['target_speedup']:g}x, "
+            f"plan {summary['predicted_speedup']:.2f}x ({how})"
+        )
+        lines += [f"  {note}" for note in summary.get("plan_notes", [])]
     if summary.get("measured_batches"):
         lines.append(
             f"measured against full depth on {summary['measured_batches']} batch(es) of this run: decode "

@@ -1,5 +1,5 @@
-"""The run folder: outputs/ and stats/ Parquet, summary.json (+ Parquet twin), config.yaml and, for a
-searched plan, search.json.
+"""The run folder: outputs/ and stats/ Parquet, summary.json (+ Parquet twin), config.yaml and plan.json
+(the run's one plan: pipeline.planning).
 
 A folder is only ever continued by the same job: resuming with a different model, task, plan or corpus
 would mix results, so it is refused. Overwriting happens only when output.mode=overwrite says so.
@@ -27,7 +27,7 @@ ARTIFACTS = (
     "summary.parquet",
     "config.yaml",
     "metrics.json",
-    "search.json",
+    "plan.json",
 )
 SAME_JOB_KEYS = ("model", "task", "skip", "data")  # what makes the outputs what they are
 # data.limit may grow: the rows already done stay valid (a shrinking limit is refused by the id check);
@@ -42,7 +42,7 @@ class RunDir:
         self.stats = self.path / "stats"
         self.config = self.path / "config.yaml"
         self.summary = self.path / "summary.json"
-        self.search = self.path / "search.json"
+        self.plan = self.path / "plan.json"
         self.holder = self.path / ".lock.holder"  # who holds the folder's lock, for the refusal message
 
     @contextmanager
@@ -68,20 +68,25 @@ class RunDir:
     def has_results(self) -> bool:
         return self.outputs.exists() and any(self.outputs.glob("part-*.parquet"))
 
+    def check(self, mode: str, config: dict) -> None:
+        """Refuses what output.mode does not allow, before anything is built or deleted."""
+        if not (self.has_results() or self.config.exists()):
+            return
+        if mode == "error":
+            raise FileExistsError(
+                f"output.dir={str(self.path)!r} already holds a run; set output.mode=resume to continue "
+                "it, output.mode=overwrite to replace it, or choose another output.dir"
+            )
+        if mode == "resume" and self.config.exists():
+            self._check_same_job(config)
+
     def prepare(self, mode: str, config: dict) -> None:
-        """Create or continue the folder under output.mode; never touch results the mode does not allow."""
-        if self.has_results() or self.config.exists():
-            if mode == "error":
-                raise FileExistsError(
-                    f"output.dir={str(self.path)!r} already holds a run; set output.mode=resume to continue "
-                    "it, output.mode=overwrite to replace it, or choose another output.dir"
-                )
-            if mode == "overwrite":
-                for name in ARTIFACTS:
-                    target = self.path / name
-                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-            elif self.config.exists():
-                self._check_same_job(config)
+        """Create or continue the folder under output.mode (checked by `check`); overwrite deletes here."""
+        self.check(mode, config)
+        if mode == "overwrite":
+            for name in ARTIFACTS:
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         self.outputs.mkdir(parents=True, exist_ok=True)
         self.stats.mkdir(parents=True, exist_ok=True)
         for stale in self.outputs.glob(".tmp-*"):  # a writer killed mid-file; its batch will be redone

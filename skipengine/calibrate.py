@@ -1,17 +1,19 @@
-"""Measure the cost of a decode step on this device, model and batch size: fixed + per-layer.
+"""Measuring what skipping buys on this device.
 
-Decode runs with a few layer counts, interleaved and repeated; a least-squares line through the
-per-step times gives fixed_s (embeddings, final norm, LM head, sampling, Python) and per_layer_s.
+SpeedProbe and deepest_meeting choose a job's plan: candidate plans run the job's own sample of prompts
+against full depth, and the deepest that meets the target wins. measure_cost_model fits a line (fixed +
+per-layer cost of a decode step) on synthetic prompts, for benchmarks that sweep many plans.
 """
 
 from __future__ import annotations
 
 import random
 import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from skipengine.engine import Engine
-from skipengine.outputs import GenerationStats
-from skipengine.plan import MIN_KEPT_LAYERS, CostModel, SkipPlan, evenly_spaced
+from skipengine.plan import MIN_KEPT_LAYERS, CostModel, SkipPlan, evenly_spaced, full_plan
 from skipengine.sampling import SamplingParams
 
 
@@ -60,19 +62,112 @@ def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return slope, my - slope * mx
 
 
-def modeled_full_depth_decode_s(costs: list[CostModel], stats: GenerationStats) -> float:
-    """What the call's decode phase would have taken at full depth, from cost models measured at two or
-    more batch sizes: per-step cost is interpolated linearly in the number of live rows, so rows that
-    finish early (and leave the batch) are accounted for."""
-    costs = sorted(costs, key=lambda c: c.batch_size)
-    lo, hi = costs[0], costs[-1]
-    full_lo, full_hi = lo.step_seconds(lo.num_layers), hi.step_seconds(hi.num_layers)
-    per_row = (full_hi - full_lo) / (hi.batch_size - lo.batch_size) if hi.batch_size > lo.batch_size else 0.0
-    steps, rows = stats.decode_steps, stats.decode_row_steps
-    return steps * full_lo + (rows - steps * lo.batch_size) * per_row
+@dataclass(frozen=True)
+class SpeedSample:
+    """A plan's speed on a fixed sample of prompts: full depth's seconds over the plan's, for the same rows
+    (so a plan whose rows run longer, or loop to the token limit, is slower by that much)."""
+
+    num_kept: int
+    decode_speedup: float  # decode steps alone
+    speedup: float  # prefill + decode
+    runs: int  # plan runs it is the median of
 
 
-def achieved_decode_speedup(costs: list[CostModel], stats: GenerationStats) -> float | None:
-    if stats.decode_steps == 0 or stats.decode_s <= 0:
-        return None
-    return modeled_full_depth_decode_s(costs, stats) / stats.decode_s
+class SpeedProbe:
+    """Measures plans on the job's own prompts, at its generation length, with rows finishing where they
+    do. Full depth on the base engine and the plan (on its own engine where it has an adapter merged) run
+    the whole sample alternately; speedups are ratios of medians. A result within `close` of the target is
+    measured once more."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        target: float,
+        on_too_long: str = "error",
+        close: float = 0.03,
+    ):
+        self.engine, self.prompts, self.sampling = engine, [list(p) for p in prompts], sampling
+        self.target, self.on_too_long, self.close = target, on_too_long, close
+        self.full: list[tuple[float, float]] = []
+        self.samples: dict[tuple[int, tuple[int, ...]], list[tuple[float, float]]] = {}
+        self.warm: set[int] = set()
+
+    def _seconds(self, engine: Engine, plan: SkipPlan) -> tuple[float, float]:
+        """(decode seconds, prefill + decode seconds) of the whole sample."""
+        if id(engine) not in self.warm:  # allocator and kernels: a few tokens are enough
+            warm_up = replace(self.sampling, max_new_tokens=min(8, self.sampling.max_new_tokens))
+            engine.generate(self.prompts, plan, warm_up, self.on_too_long)
+            self.warm.add(id(engine))
+        stats = engine.generate(self.prompts, plan, self.sampling, self.on_too_long).stats
+        if stats.decode_steps == 0:
+            raise ValueError(
+                "the calibration sample generated no decode steps (every row stopped at its first token); "
+                "use skip.basis=layers or a task that generates more than one token"
+            )
+        return stats.decode_s, stats.prefill_s + stats.decode_s
+
+    def measure(self, plan: SkipPlan, engine: Engine | None = None) -> SpeedSample:
+        """The plan's speedup on `engine` (default: the base engine) over full depth on the base engine."""
+        engine = engine or self.engine
+        runs = self.samples.setdefault((id(engine), plan.kept_layers), [])
+        for _ in range(2):
+            self.full.append(self._seconds(self.engine, full_plan(self.engine.num_layers)))
+            runs.append(self._seconds(engine, plan))
+            full_decode = statistics.median(f[0] for f in self.full)
+            full_total = statistics.median(f[1] for f in self.full)
+            sample = SpeedSample(
+                num_kept=plan.num_kept,
+                decode_speedup=full_decode / statistics.median(r[0] for r in runs),
+                speedup=full_total / statistics.median(r[1] for r in runs),
+                runs=len(runs),
+            )
+            if abs(sample.decode_speedup / self.target - 1) >= self.close:
+                break
+        return sample
+
+
+def deepest_meeting(
+    counts: Sequence[int], num_layers: int, target: float, speedup: Callable[[int], float]
+) -> int | None:
+    """The largest kept-layer count in `counts` whose measured speedup meets the target (None: none does),
+    measuring few. The first guess is the layer count's (num_layers / target); a line through it and full
+    depth (time = fixed + per-layer x kept) guesses again; then neighbours are measured until a count that
+    meets the target sits next to a deeper one that does not. Assumes fewer layers never run slower."""
+    counts = sorted(set(counts))
+    known: dict[int, float] = {}
+
+    def meets(n: int) -> bool:
+        if n not in known:
+            known[n] = speedup(n)
+        return known[n] >= target
+
+    i = max(0, _last_at_most(counts, num_layers / target))
+    known[counts[i]] = speedup(counts[i])
+    i = max(0, _last_at_most(counts, count_on_line(num_layers, counts[i], known[counts[i]], target)))
+    while True:
+        if meets(counts[i]):
+            if i + 1 == len(counts) or not meets(counts[i + 1]):
+                return counts[i]
+            i += 1
+        elif i == 0:
+            return None
+        else:
+            i -= 1
+
+
+def count_on_line(num_layers: int, num_kept: int, speedup: float, target: float) -> float:
+    """The kept-layer count that meets the target on the line through full depth and one measured plan
+    (a step's time = fixed + per-layer x kept layers); the layer count's (num_layers / target) when the
+    measurement shows no speedup to draw the line from."""
+    if num_kept >= num_layers or speedup <= 1:
+        return num_layers / target
+    per_layer = (1 - 1 / speedup) / (num_layers - num_kept)  # full depth's step time is 1
+    fixed = 1 - per_layer * num_layers
+    return (1 / target - fixed) / per_layer
+
+
+def _last_at_most(sorted_counts: Sequence[int], bound: float) -> int:
+    """Index of the last count <= bound (-1 if none)."""
+    return sum(n <= bound + 1e-9 for n in sorted_counts) - 1

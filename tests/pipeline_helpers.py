@@ -42,9 +42,7 @@ def job(model_dir: Path, data_path: Path, out_dir: Path, **groups) -> JobConfig:
     cfg = JobConfig(
         model=ModelConfig(name="tiny", spec=str(model_dir)),
         task=TaskConfig(name="complete", input_column="text", chat=False, max_new_tokens=6),
-        skip=SkipConfig(
-            strategy="uniform", target_speedup=2.0, basis="layers", measure_achieved=False, full_depth_every=0
-        ),
+        skip=SkipConfig(strategy="uniform", target_speedup=2.0, basis="layers", full_depth_every=0),
         data=DataConfig(name="t", path=str(data_path), id_column="doc"),
         cluster=ClusterConfig(num_actors=1, batch_size=4, threads_per_actor=1, cpus_per_actor=0.5),
         output=OutputConfig(dir=str(out_dir), progress_every_s=0),

@@ -1,4 +1,7 @@
-from skipengine import Engine, make_plan, measure_cost_model
+import pytest
+
+from skipengine import Engine, SamplingParams, make_plan, measure_cost_model
+from skipengine.calibrate import SpeedProbe, deepest_meeting
 
 
 def test_cost_model_is_measured_and_drives_a_plan(llama, tokenizer):
@@ -10,3 +13,38 @@ def test_cost_model_is_measured_and_drives_a_plan(llama, tokenizer):
     plan = make_plan(8, "uniform", min(1.5, reachable), basis="measured", cost_model=cost)
     assert plan.basis == "measured" and plan.predicted_speedup >= min(1.5, reachable) - 1e-9
     assert plan.kept_layers[0] == 0 and plan.kept_layers[-1] == 7
+
+
+@pytest.mark.parametrize("fixed", [0.0, 0.2, 0.5])
+@pytest.mark.parametrize("target", [1.25, 1.5, 2.0, 3.0])
+def test_the_deepest_plan_that_meets_the_target_is_found_with_few_measurements(fixed, target):
+    # a step costs fixed + per-layer x kept (full depth 1); rows thinning out act as a larger fixed share
+    def speedup(kept: int) -> float:
+        asked.append(kept)
+        return 1 / (fixed + (1 - fixed) * kept / 30)
+
+    asked = []
+    found = deepest_meeting(range(2, 30), 30, target, speedup)
+    meeting = [n for n in range(2, 30) if speedup(n) >= target]
+    best = max(meeting, default=None)
+    assert found == best
+    assert len(set(asked[: -len(range(2, 30))])) <= 4  # the line guesses within a layer or two
+
+
+def test_an_unreachable_target_finds_nothing_and_a_noisy_line_still_converges():
+    assert deepest_meeting([2, 4, 6], 8, 5.0, lambda n: 8 / (n + 1)) is None
+    # no speedup at the first guess (noise): the walk still steps down to the plan that meets the target
+    speeds = {2: 2.5, 3: 1.9, 4: 1.0, 5: 1.0}
+    assert deepest_meeting([2, 3, 4, 5], 8, 1.8, speeds.__getitem__) == 3
+
+
+def test_the_speed_probe_runs_plans_against_full_depth_on_the_given_prompts(llama, tokenizer, prompts):
+    engine = Engine(llama, tokenizer)
+    probe = SpeedProbe(engine, prompts[:2], SamplingParams(max_new_tokens=6), target=1.5)
+    sample = probe.measure(make_plan(8, "uniform", 2.0))
+    assert sample.num_kept == 4 and sample.runs in (1, 2) and len(probe.full) == sample.runs
+    assert sample.decode_speedup > 0 and sample.speedup > 0
+    with pytest.raises(ValueError, match="no decode steps"):
+        SpeedProbe(engine, prompts[:2], SamplingParams(max_new_tokens=1), 1.5).measure(
+            make_plan(8, "uniform", 2.0)
+        )

@@ -12,7 +12,9 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from tolerance import assert_kernel_close, kernel_rtol
 
-from skipengine import Engine, full_plan, make_plan
+from pipeline.planning import Measurer, build_run_plan
+from skipengine import Engine, SamplingParams, full_plan, make_plan
+from skipengine.calibrate import SpeedSample
 from skipengine.depth import plan_runs, token_depth, training_runs
 from skipengine.finetune import (
     Example,
@@ -230,24 +232,6 @@ def test_saved_adapter_is_small_and_tied_to_its_plan(tmp_path, tokenizer):
     assert meta["rank"] == "4" and "full:0,2,5,7" in meta["plans"]
 
 
-def test_measured_basis_picks_the_adapters_deepest_plan_that_meets_the_target(tmp_path, tokenizer):
-    from pipeline.config import SkipConfig
-    from pipeline.generator import choose_adapter_plan
-    from skipengine import CostModel
-
-    model = add_lora(build_llama(tokenizer), rank=4, alpha=8)
-    plans = [make_plan(8, "uniform", 8 / kept) for kept in (3, 4, 6)]
-    path = save_adapter(model, tmp_path / "a.safetensors", plans)
-    # a step costs 1 ms fixed + 1 ms per layer: full depth 9 ms, so 2x needs <= 3.5 layers
-    cost = CostModel(fixed_s=1e-3, per_layer_s=1e-3, num_layers=8, batch_size=8, device="cpu")
-    skip = SkipConfig(strategy="uniform", target_speedup=2.0, basis="measured", adapter=str(path))
-    plan, _ = choose_adapter_plan([str(path)], skip, 8, cost, None)
-    assert plan.kept_layers == plans[0].kept_layers and plan.predicted_speedup == pytest.approx(9 / 4)
-    slower, faster = replace(skip, target_speedup=1.25), replace(skip, target_speedup=3.0)
-    assert choose_adapter_plan([str(path)], slower, 8, cost, None)[0].num_kept == 6
-    assert choose_adapter_plan([str(path)], faster, 8, cost, None) is None
-
-
 def test_perplexity_at_full_depth_equals_hf_loss_and_rises_when_skipping(llama):
     import math
 
@@ -292,10 +276,39 @@ def test_full_fine_tuning_trains_the_decoder_and_round_trips(tmp_path, tokenizer
         load_adapter(copy.deepcopy(base), path, make_plan(8, "uniform", 1.5))
 
 
-def test_auto_picks_the_adapter_with_fewest_plans_then_the_deepest_plan(tmp_path, tokenizer):
+class TableMeasurer(Measurer):
+    """The measured basis's choice rules on given speeds: pipeline.planning.Measurer, except that a plan's
+    speedup is looked up (a step costs 1 fixed + 1 per layer: full depth 9) instead of timed."""
+
+    def __init__(self, skip, tokenizer):
+        engine = Engine(build_llama(tokenizer), tokenizer)
+        super().__init__(skip, engine, [[5, 6, 7]], SamplingParams(max_new_tokens=4), 2, "error")
+        self.asked = []
+
+    def speed(self, by_count, adapter, count):
+        self.asked.append((adapter and Path(adapter).name, count))
+        return SpeedSample(count, 9 / (1 + count), 9 / (1 + count), 1)
+
+
+def choose(skip, tokenizer, shipped, measurer=None):
+    """(adapter file name or None, kept layers) that the job would run."""
+    engine = Engine(build_llama(tokenizer), tokenizer)
+    chosen = build_run_plan(
+        skip,
+        8,
+        lambda: (engine, [[5, 6, 7]]),
+        SamplingParams(max_new_tokens=4),
+        2,
+        shipped,
+        measurer=measurer,
+    )
+    return (chosen.adapter and Path(chosen.adapter).name), chosen.plan.num_kept
+
+
+def test_auto_picks_the_adapter_with_fewest_plans_then_the_deepest_plan_that_meets_the_target(
+    tmp_path, tokenizer
+):
     from pipeline.config import SkipConfig
-    from pipeline.generator import build_plan, choose_adapter_plan
-    from skipengine import CostModel, Engine
 
     model = add_lora(build_llama(tokenizer), rank=4, alpha=8)
 
@@ -303,87 +316,70 @@ def test_auto_picks_the_adapter_with_fewest_plans_then_the_deepest_plan(tmp_path
         return str(save_adapter(model, tmp_path / name, [make_plan(8, "uniform", 8 / k) for k in kept]))
 
     shipped = [adapter("range", 2, 3, 4, 5, 6), adapter("narrow", 2, 3), adapter("x2", 3)]
-    # a step costs 1 ms fixed + 1 ms per layer: 2x needs <= 3.5 layers, 1.5x <= 5, 2.5x <= 2.6
-    cost = CostModel(fixed_s=1e-3, per_layer_s=1e-3, num_layers=8, batch_size=8, device="cpu")
-    skip = SkipConfig(strategy="uniform", basis="measured", adapter="auto", measure_achieved=False)
+    skip = SkipConfig(strategy="uniform", basis="measured", adapter="auto")
+    # measured speedups 9 / (1 + kept): 3 layers 2.25x, 4 layers 1.8x, 2 layers 3x, 6 layers 1.29x
 
-    def pick(target: float) -> tuple[str, int] | None:
-        chosen = choose_adapter_plan(shipped, replace(skip, target_speedup=target), 8, cost, None)
-        return chosen and (Path(chosen[1]).name, chosen[0].num_kept)
+    def pick(target: float) -> tuple[str | None, int]:
+        measure_skip = replace(skip, target_speedup=target)
+        return choose(measure_skip, tokenizer, shipped, TableMeasurer(measure_skip, tokenizer))
 
     assert pick(2.0) == ("x2", 3)
-    assert pick(1.5) == ("x2", 3)  # the specialist, though the range adapter has a deeper plan (5) that fits
-    assert pick(2.5) == ("narrow", 2)
-    assert pick(4.0) is None
-    assert pick(1.0) is None  # full depth asked for: no adapter of a shallower plan is taken instead
+    assert pick(2.5) == ("narrow", 2)  # x2 cannot reach it; 3x is over 2.5x by 20%, but 3 layers run 2.25x
+    # 1.5x: x2's 3 layers run 2.25x, more than 15% over, and 4 or 5 layers would meet it; the range
+    # adapter's 5 layers run 1.5x
+    assert pick(1.5) == ("range", 5)
+    assert pick(1.0) == (None, 8)  # full depth asked for: no adapter of a shallower plan is taken instead
     full = adapter("full", 8)
-    assert choose_adapter_plan([*shipped, full], replace(skip, target_speedup=1.0), 8, cost, None)[1] == full
-    for basis in ("measured", "layers"):  # with the job's own plan building, on either basis
-        plan, _, chosen = build_plan(
-            replace(skip, basis=basis, target_speedup=1.0),
-            Engine(build_llama(tokenizer), tokenizer),
-            2,
-            shipped,
-        )
-        assert plan.is_full_depth and chosen is None
+    assert choose(replace(skip, target_speedup=1.0), tokenizer, [*shipped, full]) == ("full", 8)
+    with pytest.raises(ValueError, match="cannot be reached"):
+        pick(4.0)  # no adapter serves it, and without one the fastest plan (2 layers) runs 3x
     # basis=layers: the plan is fixed; the adapter with the fewest plans that was trained for it
     layers = replace(skip, basis="layers")
-    engine = Engine(build_llama(tokenizer), tokenizer)
-    assert build_plan(replace(layers, target_speedup=2.0), engine, 2, shipped)[2] == shipped[0]
-    assert build_plan(replace(layers, target_speedup=8 / 3), engine, 2, shipped)[2] == shipped[2]
-    plan, _, none = build_plan(replace(layers, target_speedup=8 / 7), engine, 2, shipped)
-    assert none is None and plan.num_kept == 7  # auto with no adapter for the plan runs without one
+    assert choose(replace(layers, target_speedup=2.0), tokenizer, shipped) == ("range", 4)
+    assert choose(replace(layers, target_speedup=8 / 3), tokenizer, shipped) == ("x2", 3)
+    assert choose(replace(layers, target_speedup=8 / 7), tokenizer, shipped) == (None, 7)  # none: without
 
 
 def test_auto_serves_a_strategy_only_with_adapter_plans_of_that_strategy(tmp_path, tokenizer):
     """An adapter's evenly spaced plans serve uniform and its other plans serve searched, on either basis;
     the searched run then takes the adapter's own kept layers."""
     from pipeline.config import SkipConfig
-    from pipeline.generator import build_plan, choose_adapter_plan
-    from skipengine import CostModel, Engine, SkipPlan
+    from skipengine import SkipPlan
 
     model = add_lora(build_llama(tokenizer), rank=4, alpha=8)
     searched_plans = [SkipPlan(8, kept) for kept in ((0, 1, 2, 7), (0, 1, 7))]
     searched = str(save_adapter(model, tmp_path / "searched", searched_plans))
     uniform = str(save_adapter(model, tmp_path / "uniform", [make_plan(8, "uniform", 2.0)]))
-    cost = CostModel(fixed_s=1e-3, per_layer_s=1e-3, num_layers=8, batch_size=8, device="cpu")
     skip = SkipConfig(strategy="searched", basis="measured", target_speedup=2.0, adapter="auto")
-    plan, path = choose_adapter_plan([uniform, searched], skip, 8, cost, None)
-    assert path == searched and plan.kept_layers == (0, 1, 7) and plan.strategy == "searched"
-    as_uniform = replace(skip, strategy="uniform", target_speedup=1.75)  # 4 layers: 9 ms / 5 ms = 1.8x
-    plan, path = choose_adapter_plan([uniform, searched], as_uniform, 8, cost, None)
-    assert path == uniform and plan.kept_layers == make_plan(8, "uniform", 2.0).kept_layers
-    layers = replace(skip, basis="layers", measure_achieved=False)  # 2x: 4 layers, the adapter's own
-    engine = Engine(build_llama(tokenizer), tokenizer)
-    plan, _, path = build_plan(layers, engine, 2, [uniform, searched], searched=None)
-    assert path == searched and plan.kept_layers == (0, 1, 2, 7) and plan.predicted_speedup == 2.0
-    # no search was run (an adapter for searched plans was expected to serve) and none serves: say what to do
-    with pytest.raises(ValueError, match="skip.adapter=null to search"):
-        build_plan(replace(layers, target_speedup=4.0), engine, 2, [uniform, searched], searched=None)
-    # full depth needs no search; an adapter named explicitly brings its own searched layers too
-    plan, _, path = build_plan(
-        replace(layers, target_speedup=1.0), engine, 2, [uniform, searched], searched=None
+    assert choose(skip, tokenizer, [uniform, searched], TableMeasurer(skip, tokenizer)) == (
+        "searched",
+        3,
     )
-    assert plan.is_full_depth and path is None
-    plan, _, path = build_plan(replace(layers, adapter=searched), engine, 2, [], searched=None)
-    assert path == searched and plan.kept_layers == (0, 1, 2, 7)
+    as_uniform = replace(skip, strategy="uniform", target_speedup=1.75)  # 4 layers: 9 / 5 = 1.8x
+    measurer = TableMeasurer(as_uniform, tokenizer)
+    assert choose(as_uniform, tokenizer, [uniform, searched], measurer) == ("uniform", 4)
+    assert set(measurer.asked) == {("uniform", 4)}  # the searched adapter's plans are not uniform's
+    layers = replace(skip, basis="layers")  # 2x: 4 layers, the adapter's own
+    assert choose(layers, tokenizer, [uniform, searched]) == ("searched", 4)
+    # full depth needs no search; an adapter named explicitly brings its own searched layers too
+    assert choose(replace(layers, target_speedup=1.0), tokenizer, [uniform, searched]) == (None, 8)
+    assert choose(replace(layers, adapter=searched), tokenizer, []) == ("searched", 4)
+    # an adapter named explicitly that has no plan for the target: say what to do
+    with pytest.raises(ValueError, match="has no searched plan that serves skip.target_speedup=4"):
+        choose(replace(layers, adapter=searched, target_speedup=4.0), tokenizer, [])
 
 
 def test_skip_none_loads_an_explicit_full_depth_adapter_and_refuses_a_skip_one(tmp_path, tokenizer):
     from pipeline.config import SkipConfig
-    from pipeline.generator import build_plan
-    from skipengine import Engine
 
     model = add_lora(build_llama(tokenizer), rank=4, alpha=8)
     baseline = str(save_adapter(model, tmp_path / "baseline", [full_plan(8)]))
-    engine = Engine(build_llama(tokenizer), tokenizer)
-    none = SkipConfig(strategy="none", adapter=baseline, measure_achieved=False)
-    plan, _, adapter = build_plan(none, engine, 2, [])
-    assert adapter == baseline and plan.num_kept == 8
-    load_adapter(build_llama(tokenizer), adapter, plan)
-    assert build_plan(replace(none, adapter="auto"), engine, 2, [baseline])[2] is None  # auto: no adapter
+    none = SkipConfig(strategy="none", adapter=baseline)
+    assert choose(none, tokenizer, []) == ("baseline", 8)
+    load_adapter(build_llama(tokenizer), baseline, full_plan(8))
+    assert choose(replace(none, adapter="auto"), tokenizer, [baseline]) == (None, 8)  # auto: no adapter
     with pytest.raises(ValueError, match="was trained for plans"):
-        load_adapter(build_llama(tokenizer), str(save_adapter(model, tmp_path / "x2", [PLAN])), plan)
+        load_adapter(build_llama(tokenizer), str(save_adapter(model, tmp_path / "x2", [PLAN])), full_plan(8))
 
 
 def test_the_shipped_adapters_serve_the_uniform_plans_they_are_listed_for():

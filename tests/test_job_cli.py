@@ -28,7 +28,6 @@ def cli(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "task.max_new_tokens=6",
         "skip=uniform",
         "skip.basis=layers",
-        "skip.measure_achieved=false",
         "skip.full_depth_every=0",
         "data=files",
         f"data.path={data}",

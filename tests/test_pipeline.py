@@ -220,12 +220,13 @@ class PoisonedEngine:
 
 def test_a_failing_batch_is_retried_then_split_down_to_the_bad_row(tmp_path, tiny_model_dir):
     from pipeline.generator import Generator
+    from pipeline.planning import plan_from_config
     from pipeline.sources import assign_ids
 
     rows = corpus_rows(8)
     cfg = job(tiny_model_dir, tmp_path, tmp_path / "run", cluster={"batch_size": 8, "max_batch_retries": 1})
     (tmp_path / "run" / "outputs").mkdir(parents=True)
-    generator = Generator(cfg, str(tmp_path / "run" / "outputs"))
+    generator = Generator(cfg, str(tmp_path / "run" / "outputs"), plan_from_config(cfg, []))
     clean = generator.engine
     poison = generator.prompts.build(rows[5]["text"]).ids
     generator.engine = PoisonedEngine(clean, poison)
@@ -255,7 +256,7 @@ def test_full_depth_reruns_measure_the_achieved_speedup_on_the_jobs_own_rows(
     stats = pq.read_table(tmp_path / "run" / "stats").to_pylist()  # batches of 4, 4, 2 on one actor
     measured = [s for s in stats if s["measured_speedup"] is not None]
     assert summary["measured_batches"] == len(measured) == measured_batches
-    assert all(s["measured_decode_speedup"] > 0 and s["full_depth_s_per_token"] > 0 for s in measured)
+    assert all(s["measured_decode_speedup"] > 0 and s["full_depth_s"] > 0 for s in measured)
     assert (summary["measured_speedup"] is None) == (measured_batches == 0)
     assert len(outputs(tmp_path / "run")) == 10  # the full-depth reruns write nothing
 
@@ -286,7 +287,6 @@ def test_cost_is_null_without_a_price_and_device_hours_count_each_actors_gpus(
             "tokens_out": 2_000_000,
             "rows": 1,
             "decode_s": 1.0,
-            "achieved_decode_speedup_est": None,
             "achieved_layer_speedup": 1.0,
             "plan": "p",
             "predicted_speedup": 1.0,
@@ -308,3 +308,36 @@ def test_every_part_file_has_the_same_schema_when_a_batch_is_all_null(tmp_path, 
     schemas = {pq.read_schema(p) for p in (tmp_path / "run" / "outputs").glob("part-*.parquet")}
     note = next(iter(schemas)).field("note").type
     assert len(schemas) == 1 and (pa.types.is_string(note) or pa.types.is_large_string(note))
+
+
+def test_a_measured_plan_is_built_once_written_to_plan_json_and_reused_on_resume(tmp_path, tiny_model_dir):
+    from pipeline.planning import RunPlan
+
+    data = write_jsonl(tmp_path / "c.jsonl", corpus_rows(6))
+    cfg = job(tiny_model_dir, data, tmp_path / "run", skip={"basis": "measured", "target_speedup": 1.15})
+    cfg.data.limit = 4
+    run_job(cfg)
+    written = (tmp_path / "run" / "plan.json").read_text()
+    plan = RunPlan.from_json(written)
+    measured = plan.calibration
+    assert measured["batch_size"] == 4 and measured["rows"] == 4 and measured["device"].startswith("cpu")
+    assert plan.plan.predicted_speedup >= 1.15 and plan.plan.basis == "measured"
+    assert any(m["num_kept"] == plan.plan.num_kept for m in measured["measured"])
+    # a resume on another batch size takes plan.json as it is: every row, old and new, has the one plan
+    cfg.data.limit, cfg.cluster.batch_size = None, 2
+    summary = run_job(cfg)
+    assert (tmp_path / "run" / "plan.json").read_text() == written and summary["rows_generated_now"] == 2
+    assert {r["plan"] for r in outputs(tmp_path / "run")} == {str(plan.plan)}
+    assert summary["plan"] == str(plan.plan) and summary["plan_measured_on"].startswith("4 rows, cpu")
+
+
+def test_a_plan_that_fails_stops_the_job_before_overwrite_deletes_anything(tmp_path, tiny_model_dir):
+    cfg = job(tiny_model_dir, write_jsonl(tmp_path / "c.jsonl", corpus_rows(4)), tmp_path / "run")
+    run_job(cfg)
+    before = sorted(p.name for p in (tmp_path / "run" / "outputs").iterdir())
+    cfg.output.mode = "overwrite"
+    cfg.skip.basis, cfg.skip.target_speedup = "measured", 3.9  # 2 of 8 layers at most: out of reach
+    with pytest.raises(ValueError, match="skip.target_speedup=3.9 cannot be reached on cpu"):
+        run_job(cfg)
+    assert sorted(p.name for p in (tmp_path / "run" / "outputs").iterdir()) == before
+    assert (tmp_path / "run" / "plan.json").is_file()

@@ -90,12 +90,11 @@ def test_the_search_is_cached_and_a_shallower_one_is_extended(tmp_path, engine, 
         first.kept(4)
 
 
-def test_a_searched_job_searches_once_in_the_driver_and_every_actor_runs_that_plan(
-    tmp_path, tiny_model_dir, monkeypatch
-):
+def test_a_searched_job_searches_once_and_every_actor_runs_that_plan(tmp_path, tiny_model_dir, monkeypatch):
     import pyarrow.parquet as pq
     from pipeline_helpers import corpus_rows, job, write_jsonl
 
+    from pipeline.planning import RunPlan
     from pipeline.run import run_job
     from skipengine import load_model
 
@@ -106,7 +105,7 @@ def test_a_searched_job_searches_once_in_the_driver_and_every_actor_runs_that_pl
     cfg.cluster.num_actors = 2
     summary = run_job(cfg)
     assert summary["ids_check"]["ok"] and summary["rows_ok"] == 8
-    found = SearchedPlans.from_json((tmp_path / "run" / "search.json").read_text())
+    found = RunPlan.from_json((tmp_path / "run" / "plan.json").read_text()).search
     assert len(list((tmp_path / "cache" / "searched").glob("*.json"))) == 1
     plan = make_plan(8, "searched", 2.0, searched=found)
     out = pq.read_table(tmp_path / "run" / "outputs").to_pylist()
