@@ -160,8 +160,8 @@ def adaptive_adapter(skip: SkipConfig) -> str | None:
 
 
 def resolve_adapter(cfg: JobConfig) -> None:
-    """skip.adapter=auto stays auto (the actors choose among the shipped adapters once they know the
-    plan) or becomes None when nothing is shipped for the strategy and task; with skip=adaptive it becomes
+    """skip.adapter=auto stays auto (the run's plan chooses among the shipped adapters: pipeline.planning)
+    or becomes None when nothing is shipped for the strategy and task; with skip=adaptive it becomes
     the adapter the exit classifiers were trained with (None: the base model); adapter and exit-classifier
     paths made absolute, since actors may not share the driver's working directory."""
     shipped = cfg.model.adapters.get(cfg.task.name, [])

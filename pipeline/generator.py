@@ -156,6 +156,8 @@ class Generator:
             self.plan = build_adaptive_plan(cfg.skip, self.engine, calibration)
             self.kv_price = kv_fraction(self.engine.adapter)
         else:  # the run's plan (pipeline.planning), the same in every actor
+            if run_plan is None:
+                raise ValueError("a static skip plan's actors need the run's plan (pipeline.planning)")
             self.plan, self.adapter = run_plan.plan, run_plan.adapter
             if self.adapter:  # merged before the engine builds its frozen kernels from the weights
                 model = load_adapter(model, self.adapter, self.plan)

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -60,10 +60,15 @@ class RunPlan:
         return cls(**d)
 
 
-def serves(strategy: str, kept: tuple[int, ...], num_layers: int) -> bool:
-    """Whether an adapter's trained plan is one of this strategy's: full depth serves every strategy."""
-    uniform = kept == evenly_spaced(num_layers, len(kept))
-    return len(kept) == num_layers or (uniform if strategy == "uniform" else not uniform)
+def serves(skip: SkipConfig, kept: tuple[int, ...], num_layers: int) -> bool:
+    """Whether an adapter's trained plan is one of skip.strategy's: full depth serves every strategy,
+    searched any plan that is not evenly spaced (the adapter's own search), the others their own plan of
+    that size."""
+    if len(kept) == num_layers:
+        return True
+    if skip.strategy == "searched":
+        return kept != evenly_spaced(num_layers, len(kept))
+    return kept == layers_for_strategy(skip.strategy, num_layers, len(kept), skip.seed)
 
 
 def adapter_options(
@@ -78,7 +83,7 @@ def adapter_options(
         trained = [
             kept
             for prefill, kept in adapter_plans(path)
-            if prefill == skip.prefill and serves(skip.strategy, kept, num_layers)
+            if prefill == skip.prefill and serves(skip, kept, num_layers)
         ]
         if trained:
             options.append((path, sorted(trained, key=len, reverse=True)))
@@ -112,7 +117,8 @@ def build_run_plan(
                 f"skip.adapter={explicit!r} has no full-depth plan, and skip.target_speedup=1.0 is full "
                 "depth; set skip.adapter=null or raise the target"
             )
-        return RunPlan(_plan(tuple(range(layers)), skip, layers, 1.0), full[0] if full else None)
+        plan = replace(_plan(tuple(range(layers)), skip, layers, 1.0), basis="layers")  # nothing measured
+        return RunPlan(plan, full[0] if full else None)
 
     measure = measurer
     if skip.basis == "measured" and measure is None:
@@ -124,12 +130,12 @@ def build_run_plan(
         if chosen is not None:
             return RunPlan(chosen, path, None, measure.calibration() if measure else None, notes)
     if explicit:
-        trained = [list(kept) for _, kept in adapter_plans(explicit)]
-        why = "; ".join(notes) or "none of that size"
+        trained = [f"{prefill}:{list(kept)}" for prefill, kept in adapter_plans(explicit)]
+        why = "; ".join(notes) or f"none of that size, skip.prefill={skip.prefill}"
         raise ValueError(
-            f"skip.adapter={explicit!r} (trained for kept layers {trained}) has no {skip.strategy} plan "
-            f"that serves skip.target_speedup={skip.target_speedup:g} here ({why}); train one for this "
-            "target (jobs.finetune) or set skip.adapter=null"
+            f"skip.adapter={explicit!r} (trained for prefill:kept layers {trained}) has no "
+            f"{skip.strategy} plan that serves skip.target_speedup={skip.target_speedup:g} here ({why}); "
+            "train one for this target (jobs.finetune) or set skip.adapter=null"
         )
     searched = None
     if skip.strategy == "searched":
@@ -158,7 +164,7 @@ def build_run_plan(
                 f"skip.target_speedup={skip.target_speedup:g} cannot be reached on {measure.device} at "
                 f"batch {batch_size}: the fastest plan measured ({lowest} of {layers} layers) runs "
                 f"{fastest.decode_speedup:.2f}x on the corpus's first rows; ask for at most that"
-                + (" or search deeper (skip.search_min_kept)" if searched else "")
+                + (", or lower skip.search_min_kept to search deeper" if searched else "")
             )
     if skip.adapter == "auto":
         notes.append(
@@ -193,15 +199,18 @@ def _with_adapter(
     if measure is None:
         count = make_plan(layers, "uniform", skip.target_speedup, skip.prefill, "layers").num_kept
         for kept in trained:
-            if len(kept) == count and (skip.strategy != "uniform" or kept == evenly_spaced(layers, count)):
+            if len(kept) == count:
                 return _plan(kept, skip, layers, layers / count)
         return None
     by_count = {len(kept): kept for kept in trained}
     plan = measure.deepest(by_count, path, notes)
     if plan is None:
         notes.append(f"{name}: none of its plans ({sorted(by_count)} kept layers) reaches the target here")
-    elif plan.predicted_speedup > skip.target_speedup * MAX_OVERSHOOT and (
-        count_on_line(layers, plan.num_kept, plan.predicted_speedup, skip.target_speedup) >= plan.num_kept + 1
+    elif (
+        skip.adapter == "auto"
+        and plan.predicted_speedup > skip.target_speedup * MAX_OVERSHOOT
+        and count_on_line(layers, plan.num_kept, plan.predicted_speedup, skip.target_speedup)
+        >= plan.num_kept + 1
     ):
         notes.append(
             f"{name}: its deepest plan ({plan.num_kept} layers) runs {plan.predicted_speedup:.2f}x where "
@@ -215,7 +224,15 @@ class Measurer:
     """basis=measured: plans run on the corpus's first batch against the base model at full depth
     (skipengine.calibrate.SpeedProbe), each adapter merged into a copy of the model while its plans run."""
 
-    def __init__(self, skip, engine: Engine, prompts, sampling: SamplingParams, batch_size: int, on_too_long):
+    def __init__(
+        self,
+        skip: SkipConfig,
+        engine: Engine,
+        prompts: list[list[int]],
+        sampling: SamplingParams,
+        batch_size: int,
+        on_too_long: str = "error",
+    ):
         if not prompts:
             raise ValueError(
                 "skip.basis=measured measures plans on the corpus's first rows, and none of them makes a "
@@ -245,7 +262,8 @@ class Measurer:
                 return SpeedSample(**{k: v for k, v in r.items() if k != "adapter"})
         started = time.perf_counter()
         layers = self.engine.num_layers
-        sample = self.probe.measure(_plan(by_count[count], self.skip, layers, 1.0), self._engine(adapter))
+        plan = _plan(by_count[count], self.skip, layers, 1.0)
+        sample = self.probe.measure(plan, self._engine(adapter), key=adapter)
         self.seconds += time.perf_counter() - started
         self.results.append({"adapter": adapter, **asdict(sample)})
         log.info(
@@ -365,13 +383,10 @@ def needs_model(cfg: JobConfig) -> bool:
     return skip.strategy == "searched" and not served
 
 
-def _planning_worker(cfg: JobConfig, texts: list[str]) -> RunPlan | Exception:
+def _planning_worker(cfg: JobConfig, texts: list[str]) -> RunPlan:
     # the calibration's progress lines reach the driver's console through Ray's log forwarding
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return plan_from_config(cfg, texts)
-    except (ValueError, FileNotFoundError) as e:  # a config error: the driver raises it as it is
-        return e
+    return plan_from_config(cfg, texts)
 
 
 def plan_run(cfg: JobConfig, texts: list[str]) -> RunPlan:
@@ -380,7 +395,8 @@ def plan_run(cfg: JobConfig, texts: list[str]) -> RunPlan:
     if not needs_model(cfg):
         return plan_from_config(cfg, texts)
     cluster = cfg.cluster
-    worker = ray.remote(_planning_worker).options(
+    # max_calls=1: the worker exits after it, and frees the model's memory for the actors
+    worker = ray.remote(max_calls=1)(_planning_worker).options(
         num_cpus=cluster.cpus_per_actor,
         num_gpus=cluster.gpus_per_actor or None,
         memory=int(actor_memory(cfg)[1] * 2**30) or None,
@@ -388,9 +404,12 @@ def plan_run(cfg: JobConfig, texts: list[str]) -> RunPlan:
         max_retries=0,
     )
     started = time.perf_counter()
-    result = ray.get(worker.remote(cfg, texts))
-    if isinstance(result, Exception):
-        raise result
+    try:
+        result = ray.get(worker.remote(cfg, texts))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ValueError | FileNotFoundError):  # a config error: raised as it is
+            raise e.cause from None
+        raise
     log.info(
         "plan: %s%s (%.0f s)",
         result.plan,

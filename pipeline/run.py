@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+import torch
 
 from pipeline import planning, sources
 from pipeline.config import JobConfig, actor_memory, resolve_adapter, validate
@@ -92,6 +93,12 @@ def _run_locked(cfg: JobConfig, run: RunDir) -> dict:
         ds = sources.read(cfg.data).materialize()  # read once: the checks, the manifest and the work share it
         sources.check_columns(ds, cfg.data, cfg.task)
         input_ids = sources.input_ids(ds, cfg.data)
+        if cfg.output.mode == "resume" and cfg.skip.strategy != "adaptive" and run.has_results():
+            if not run.plan.is_file():  # its rows may hold another plan than the one built now
+                raise ValueError(
+                    f"output.dir={cfg.output.dir!r} holds a run made before runs kept their plan in "
+                    "plan.json; use output.mode=overwrite to replace it, or another output.dir"
+                )
         run.check(cfg.output.mode, config)
         plan = run_plan(cfg, ds, run)  # before overwrite deletes anything: a plan that fails stops here
         run.prepare(cfg.output.mode, config)
@@ -134,9 +141,10 @@ def run_plan(cfg: JobConfig, ds: ray.data.Dataset, run: RunDir) -> RunPlan | Non
         found = RunPlan.from_json(run.plan.read_text())
         log.info("resuming with %s: %s", run.plan, found.plan)
         measured = found.calibration
-        if measured and (measured["batch_size"], measured["device"].split()[0]) != (
+        device = torch.device(cfg.model.device).type
+        if measured and (measured["batch_size"], torch.device(measured["device"].split()[0]).type) != (
             cfg.cluster.batch_size,
-            cfg.model.device,
+            device,
         ):
             log.warning(
                 "the plan was measured on %s at batch %d and is reused as it is on %s at batch %d; "
@@ -238,7 +246,7 @@ def summarize(
         "output_dir": str(run.path),
         "model": cfg.model.spec,
         "plan": str(plan.plan) if plan else stats[0]["plan"] if stats else None,
-        "adapter": Path(adapter).name if (adapter := plan.adapter if plan else cfg.skip.adapter) else None,
+        "adapter": adapter_name(plan.adapter if plan else cfg.skip.adapter),
         "rows_in": len(input_ids),
         "rows_out": sum(counts.values()),
         "rows_ok": (len(outputs) - errored) if outputs is not None else 0,
@@ -266,7 +274,11 @@ def summarize(
         "target_speedup": cfg.skip.target_speedup,
         # the plan's decode speedup when it was chosen: measured on the corpus's first batch (basis=measured)
         # or L / kept layers (basis=layers)
-        "predicted_speedup": plan.plan.predicted_speedup if plan else None,
+        "predicted_speedup": plan.plan.predicted_speedup
+        if plan
+        else stats[0]["predicted_speedup"]
+        if stats
+        else None,
         "plan_basis": plan.plan.basis if plan else None,
         "plan_measured_on": (
             f"{plan.calibration['rows']} rows, {plan.calibration['device']}, batch "
@@ -308,6 +320,10 @@ def summarize(
     return summary
 
 
+def adapter_name(path: str | None) -> str | None:
+    return Path(path).name if path else None
+
+
 def ratio(stats: list[dict], full_key: str, plan_keys: tuple[str, ...]) -> float | None:
     """Full depth's seconds over the plan's, summed over the batches that ran at both; None if none did."""
     both = [r for r in stats if r.get(full_key) is not None]
@@ -340,7 +356,9 @@ def human_summary(summary: dict) -> str:
         how = (
             f"measured on {summary['plan_measured_on']} when the plan was chosen"
             if summary.get("plan_measured_on")
-            else "layers run (skip.basis=layers)"
+            else "L / kept layers"
+            if summary.get("plan_basis") == "layers"
+            else "calibrated"
         )
         lines.append(
             f"decode speedup: target {summary['target_speedup']:g}x, "

@@ -28,6 +28,7 @@ ARTIFACTS = (
     "config.yaml",
     "metrics.json",
     "plan.json",
+    "search.json",  # runs before plan.json kept the layer search here
 )
 SAME_JOB_KEYS = ("model", "task", "skip", "data")  # what makes the outputs what they are
 # data.limit may grow: the rows already done stay valid (a shrinking limit is refused by the id check);

@@ -91,16 +91,19 @@ class SpeedProbe:
         self.engine, self.prompts, self.sampling = engine, [list(p) for p in prompts], sampling
         self.target, self.on_too_long, self.close = target, on_too_long, close
         self.full: list[tuple[float, float]] = []
-        self.samples: dict[tuple[int, tuple[int, ...]], list[tuple[float, float]]] = {}
-        self.warm: set[int] = set()
+        self.samples: dict[tuple[str | None, tuple[int, ...]], list[tuple[float, float]]] = {}
+        self.warm: set[str | None] = set()
 
-    def _seconds(self, engine: Engine, plan: SkipPlan) -> tuple[float, float]:
+    def _seconds(self, engine: Engine, plan: SkipPlan, key: str | None) -> tuple[float, float]:
         """(decode seconds, prefill + decode seconds) of the whole sample."""
-        if id(engine) not in self.warm:  # allocator and kernels: a few tokens are enough
+        if key not in self.warm:  # allocator and kernels: a few tokens are enough
             warm_up = replace(self.sampling, max_new_tokens=min(8, self.sampling.max_new_tokens))
             engine.generate(self.prompts, plan, warm_up, self.on_too_long)
-            self.warm.add(id(engine))
-        stats = engine.generate(self.prompts, plan, self.sampling, self.on_too_long).stats
+            self.warm.add(key)
+        out = engine.generate(self.prompts, plan, self.sampling, self.on_too_long)
+        stats = out.stats
+        if stats.num_errors == stats.num_rows:
+            raise ValueError(f"no row of the calibration sample could be generated: {out.rows[0].error}")
         if stats.decode_steps == 0:
             raise ValueError(
                 "the calibration sample generated no decode steps (every row stopped at its first token); "
@@ -108,13 +111,14 @@ class SpeedProbe:
             )
         return stats.decode_s, stats.prefill_s + stats.decode_s
 
-    def measure(self, plan: SkipPlan, engine: Engine | None = None) -> SpeedSample:
-        """The plan's speedup on `engine` (default: the base engine) over full depth on the base engine."""
+    def measure(self, plan: SkipPlan, engine: Engine | None = None, key: str | None = None) -> SpeedSample:
+        """The plan's speedup on `engine` (default: the base engine; `key` names another, such as the
+        adapter merged into it) over full depth on the base engine."""
         engine = engine or self.engine
-        runs = self.samples.setdefault((id(engine), plan.kept_layers), [])
+        runs = self.samples.setdefault((key, plan.kept_layers), [])
         for _ in range(2):
-            self.full.append(self._seconds(self.engine, full_plan(self.engine.num_layers)))
-            runs.append(self._seconds(engine, plan))
+            self.full.append(self._seconds(self.engine, full_plan(self.engine.num_layers), None))
+            runs.append(self._seconds(engine, plan, key))
             full_decode = statistics.median(f[0] for f in self.full)
             full_total = statistics.median(f[1] for f in self.full)
             sample = SpeedSample(

@@ -59,7 +59,9 @@ class SkipPlan:
     prefill: str = "full"  # "full": the prompt runs every layer (the paper); "skip": the prompt skips too
     target_speedup: float = 1.0
     predicted_speedup: float = 1.0
-    basis: str = "layers"  # how predicted_speedup was computed: "layers" (L / n) or "measured" (CostModel)
+    # how predicted_speedup was computed: "layers" (L / n) or "measured" (timed: pipeline.planning for a
+    # job, a CostModel in the benchmarks)
+    basis: str = "layers"
     seed: int | None = None
 
     @property

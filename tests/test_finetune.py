@@ -361,6 +361,8 @@ def test_auto_serves_a_strategy_only_with_adapter_plans_of_that_strategy(tmp_pat
     assert set(measurer.asked) == {("uniform", 4)}  # the searched adapter's plans are not uniform's
     layers = replace(skip, basis="layers")  # 2x: 4 layers, the adapter's own
     assert choose(layers, tokenizer, [uniform, searched]) == ("searched", 4)
+    # another strategy's plans of the same size are not random's: auto runs random's own without an adapter
+    assert choose(replace(layers, strategy="random"), tokenizer, [uniform, searched]) == (None, 4)
     # full depth needs no search; an adapter named explicitly brings its own searched layers too
     assert choose(replace(layers, target_speedup=1.0), tokenizer, [uniform, searched]) == (None, 8)
     assert choose(replace(layers, adapter=searched), tokenizer, []) == ("searched", 4)
