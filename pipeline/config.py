@@ -10,6 +10,7 @@ from omegaconf import MISSING
 
 from skipengine.adaptive import CRITERIA, KV_FILLS
 from skipengine.exits import classifier_adapter
+from skipengine.load import DTYPES
 from skipengine.plan import BASES, PREFILL_MODES, STRATEGIES
 from skipengine.sampling import SamplingParams
 
@@ -134,6 +135,11 @@ class OutputConfig:
     mode: str = "resume"  # resume: skip ids already done; overwrite: replace; error: refuse a used folder
     price_per_device_hour: float = 0.0  # for cost per 1M generated tokens
     progress_every_s: float = 30.0  # log-line interval when stdout is not a terminal
+    # resume: generate again the error rows marked retryable (generation failed: out of memory, a kernel)
+    retry_errors: bool = False
+    # resume: rows whose input text changed since they were generated are generated again (false: the run
+    # is refused, naming them)
+    regenerate_changed: bool = False
 
 
 @dataclass
@@ -187,6 +193,7 @@ def validate(cfg: JobConfig) -> None:
     _choice("output.mode", cfg.output.mode, OUTPUT_MODES)
     _choice("cluster.kind", cfg.cluster.kind, CLUSTER_KINDS)
     _choice("task.on_too_long", cfg.task.on_too_long, ("error", "truncate"))
+    _choice("model.dtype", cfg.model.dtype, (*DTYPES,))
     if cfg.skip.target_speedup < 1:
         raise ValueError(f"skip.target_speedup={cfg.skip.target_speedup} must be >= 1.0 (1.0 = full depth)")
     if "{input}" not in cfg.task.template:

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,10 +22,11 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from pipeline.attempts import Attempts
 from pipeline.config import JobConfig, SkipConfig
 from pipeline.planning import RunPlan
 from pipeline.prompts import PromptBuilder
-from pipeline.sources import ID
+from pipeline.sources import ID, row_hash
 from skipengine import Engine, GenerationStats, RowResult, full_plan, generic, load_model
 from skipengine.adaptive import AdaptivePlan, exit_layers_for, exit_probabilities
 from skipengine.control import SpeedupController, kv_fraction, layer_speedup, threshold_for_target
@@ -41,6 +43,7 @@ OUTPUT_SCHEMA = [
     ("num_generated_tokens", pa.int64()),
     ("finish_reason", pa.string()),
     ("error", pa.string()),
+    ("retryable", pa.bool_()),  # an error that running the row again may not repeat (output.retry_errors)
     ("truncated", pa.bool_()),
     ("latency_s", pa.float64()),
     ("plan", pa.string()),
@@ -48,6 +51,7 @@ OUTPUT_SCHEMA = [
     ("actor", pa.string()),
     ("node", pa.string()),
     ("batch_id", pa.string()),
+    ("input_hash", pa.string()),  # of the row's input text: a resume finds rows whose text changed
 ]
 
 
@@ -145,6 +149,7 @@ class Generator:
         torch.set_num_threads(cfg.cluster.threads_per_actor)
         self.cfg = cfg
         self.outputs_dir = Path(outputs_dir)
+        self.attempts = Attempts(self.outputs_dir.parent / "attempts")
         model, tokenizer = load_model(
             cfg.model.spec, cfg.model.device, cfg.model.dtype, cfg.model.trust_remote_code
         )
@@ -170,21 +175,45 @@ class Generator:
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         # inside Ray, the node id; outside (a notebook, a benchmark) asking Ray would start it
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+        self._warm_up()
         log.info("actor %s ready: %s, adapter %s", self.actor, self.plan, self.adapter)
+
+    def _warm_up(self) -> None:
+        """A few tokens under the plan and at full depth before the first batch: the allocator and the
+        kernels' first calls would otherwise slow that batch, and its full-depth rerun would time warm
+        against a cold plan."""
+        if isinstance(self.plan, AdaptivePlan):  # its controller keeps state across calls
+            return
+        sampling = replace(self.sampling, max_new_tokens=min(4, self.sampling.max_new_tokens))
+        prompt = [[self.engine.pad_id] * 8] * min(2, self.cfg.cluster.batch_size)
+        for plan in (self.plan, full_plan(self.engine.num_layers)):
+            try:
+                self.engine.generate(prompt, plan, sampling)
+            except Exception as e:  # a row's failure is the batch's business, not the warm-up's
+                log.warning("warm-up failed: %s: %s", type(e).__name__, e)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
         rows = batch.to_pylist()
+        ids = [str(row[ID]) for row in rows]
+        batch_id = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
         prompts = [self.prompts.build(row.get(self.cfg.task.input_column)) for row in rows]
         results = [RowResult(error=p.error) for p in prompts]
         ready = [i for i, p in enumerate(prompts) if p.ids is not None]
-        generated, stats = self._generate_splitting([prompts[i].ids for i in ready])
+        attempt = self.attempts.start(batch_id)
+        if attempt == 1:
+            generated, stats = self._generate_splitting([prompts[i].ids for i in ready])
+        else:  # an actor died on this batch before: one row at a time, each marked while it runs
+            log.warning(
+                "batch %s is back after its actor died (try %d): one row at a time", batch_id, attempt
+            )
+            generated, stats = self._generate_marked(
+                batch_id, [ids[i] for i in ready], [prompts[i].ids for i in ready]
+            )
         for i, result in zip(ready, generated, strict=True):
             results[i] = result
-
-        ids = [str(row[ID]) for row in rows]
-        batch_id = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
         self._write(batch_id, rows, prompts, results)
+        self.attempts.finish(batch_id)
         stats_row = self._stats_row(batch_id, results, stats, time.perf_counter() - start)
         stats_row |= self._measure_full_depth([prompts[i].ids for i in ready], stats)
         self.batches += 1
@@ -221,6 +250,24 @@ class Generator:
             "measured_speedup": (full.prefill_s + full.decode_s) / (plan.prefill_s + plan.decode_s),
         }
 
+    def _generate_marked(
+        self, batch_id: str, ids: list[str], prompt_ids: list[list[int]]
+    ) -> tuple[list[RowResult], list[GenerationStats]]:
+        """Each row alone, marked while it runs; a row whose mark an earlier try left killed its actor."""
+        results, stats = [], []
+        for row_id, ids_of_row in zip(ids, prompt_ids, strict=True):
+            if self.attempts.killed_before(batch_id, row_id):
+                log.warning("row %s killed its actor; written as an error row", row_id)
+                error = "generation killed its actor process (out of memory, or a crash in native code)"
+                results.append(RowResult(error=error, retryable=True))
+                continue
+            self.attempts.start_row(batch_id, row_id)
+            row, row_stats = self._generate_splitting([ids_of_row])
+            self.attempts.finish_row(batch_id, row_id)
+            results += row
+            stats += row_stats
+        return results, stats
+
     def _generate_splitting(
         self, prompt_ids: list[list[int]]
     ) -> tuple[list[RowResult], list[GenerationStats]]:
@@ -236,7 +283,8 @@ class Generator:
                 error = e
                 log.warning("batch of %d rows failed: %s: %s", len(prompt_ids), type(e).__name__, e)
         if len(prompt_ids) == 1:
-            return [RowResult(error=f"generation failed: {type(error).__name__}: {error}")], []
+            failed = f"generation failed: {type(error).__name__}: {error}"
+            return [RowResult(error=failed, retryable=True)], []
         mid = len(prompt_ids) // 2
         left, left_stats = self._generate_splitting(prompt_ids[:mid])
         right, right_stats = self._generate_splitting(prompt_ids[mid:])
@@ -257,6 +305,7 @@ class Generator:
                 res.num_generated_tokens,
                 res.finish_reason,
                 res.error,
+                res.retryable if res.error else None,
                 res.truncated,
                 res.latency_s,
                 plan_text,
@@ -264,6 +313,7 @@ class Generator:
                 self.actor,
                 self.node,
                 batch_id,
+                row_hash(row.get(self.cfg.task.input_column)),
             )
             for (name, _), value in zip(OUTPUT_SCHEMA, values, strict=True):
                 columns[name].append(value)

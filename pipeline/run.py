@@ -20,8 +20,9 @@ import ray
 import torch
 
 from pipeline import planning, sources
+from pipeline.attempts import Attempts
 from pipeline.config import JobConfig, actor_memory, resolve_adapter, validate
-from pipeline.generator import Generator
+from pipeline.generator import OUTPUT_SCHEMA, Generator
 from pipeline.planning import RunPlan
 from pipeline.progress import Progress
 from pipeline.rundir import RunDir
@@ -73,6 +74,19 @@ def check_pool_fits(cfg: JobConfig) -> None:
             )
 
 
+def check_copied_columns(cfg: JobConfig) -> None:
+    """Input columns copied to the outputs must not clash with the columns the job writes."""
+    written = {name for name, _ in OUTPUT_SCHEMA} - {sources.ID}
+    copied = {f"data.keep_columns[{i}]": c for i, c in enumerate(cfg.data.keep_columns)}
+    copied["task.reference_column"] = cfg.task.reference_column
+    for key, column in copied.items():
+        if column in written:
+            raise ValueError(
+                f"{key}={column!r} clashes with the output column of that name; rename the column in the "
+                "corpus, or leave it out"
+            )
+
+
 def drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch.column(sources.ID), value_set=done)))
 
@@ -80,6 +94,7 @@ def drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
 def run_job(cfg: JobConfig) -> dict:
     resolve_adapter(cfg)
     validate(cfg)
+    check_copied_columns(cfg)
     run = RunDir(cfg.output.dir)
     with run.locked():
         return _run_locked(cfg, run)
@@ -90,7 +105,7 @@ def _run_locked(cfg: JobConfig, run: RunDir) -> dict:
     started_ray = start_ray(cfg)
     try:
         check_pool_fits(cfg)
-        ds = sources.read(cfg.data).materialize()  # read once: the checks, the manifest and the work share it
+        ds = sources.read_all(cfg.data)  # read once: the checks, the manifest and the work share it
         sources.check_columns(ds, cfg.data, cfg.task)
         input_ids = sources.input_ids(ds, cfg.data)
         if cfg.output.mode == "resume" and cfg.skip.strategy != "adaptive" and run.has_results():
@@ -102,8 +117,10 @@ def _run_locked(cfg: JobConfig, run: RunDir) -> dict:
         run.check(cfg.output.mode, config)
         plan = run_plan(cfg, ds, run)  # before overwrite deletes anything: a plan that fails stops here
         run.prepare(cfg.output.mode, config)
+        Attempts.clear(run.attempts)  # this job holds the folder: an earlier job's marks are stale
         if plan is not None:
             run.plan.write_text(plan.to_json())
+        run.drop_rows(rows_to_redo(cfg, run, ds))
         done = run.output_ids()
         unexpected = set(done) - set(input_ids)
         if unexpected:
@@ -124,6 +141,30 @@ def _run_locked(cfg: JobConfig, run: RunDir) -> dict:
     if not summary["ids_check"]["ok"]:
         raise RuntimeError(f"output ids do not match input ids: {summary['ids_check']}; see {run.summary}")
     return summary
+
+
+def rows_to_redo(cfg: JobConfig, run: RunDir, ds: ray.data.Dataset) -> set[str]:
+    """Done rows to generate again: retryable error rows (output.retry_errors) and rows whose input text
+    changed since (output.regenerate_changed; without it, the run is refused naming them)."""
+    done = run.output_rows(["id", "retryable", "input_hash"]).to_pylist()
+    if not done:
+        return set()
+    redo = {r["id"] for r in done if r["retryable"]} if cfg.output.retry_errors else set()
+    current = sources.input_hashes(ds, cfg.data, cfg.task.input_column)
+    changed = [
+        r["id"] for r in done if r["input_hash"] and current.get(r["id"], r["input_hash"]) != r["input_hash"]
+    ]
+    if changed and not cfg.output.regenerate_changed:
+        raise ValueError(
+            f"output.dir={cfg.output.dir!r}: the input text of {len(changed)} done rows changed since they "
+            f"were generated (ids {changed[:5]}); set output.regenerate_changed=true to generate them again, "
+            "or use output.mode=overwrite"
+        )
+    if redo or changed:
+        log.info(
+            "generating again: %d retryable error rows, %d rows whose input changed", len(redo), len(changed)
+        )
+    return redo | set(changed)
 
 
 def first_texts(ds: ray.data.Dataset, cfg: JobConfig, rows: int) -> list[str]:

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 from filelock import FileLock, Timeout
@@ -28,6 +30,7 @@ ARTIFACTS = (
     "config.yaml",
     "metrics.json",
     "plan.json",
+    "attempts",
     "search.json",  # runs before plan.json kept the layer search here
 )
 SAME_JOB_KEYS = ("model", "task", "skip", "data")  # what makes the outputs what they are
@@ -44,6 +47,7 @@ class RunDir:
         self.config = self.path / "config.yaml"
         self.summary = self.path / "summary.json"
         self.plan = self.path / "plan.json"
+        self.attempts = self.path / "attempts"  # pipeline.attempts: marks that outlive a dead actor
         self.holder = self.path / ".lock.holder"  # who holds the folder's lock, for the refusal message
 
     @contextmanager
@@ -107,6 +111,41 @@ class RunDir:
                 f"output.dir={str(self.path)!r} holds results of a different job ({'; '.join(changed)}); "
                 "use another output.dir, or output.mode=overwrite to replace them"
             )
+
+    def output_rows(self, columns: list[str]) -> pa.Table:
+        """These columns of every output row (a column a part file lacks reads as null)."""
+        parts = []
+        for part in sorted(self.outputs.glob("part-*.parquet")):
+            table = pq.read_table(part)
+            parts.append(
+                pa.table(
+                    {c: table.column(c) if c in table.column_names else pa.nulls(len(table)) for c in columns}
+                )
+            )
+        return (
+            pa.concat_tables(parts, promote_options="permissive")
+            if parts
+            else pa.table({c: [] for c in columns})
+        )
+
+    def drop_rows(self, ids: set[str]) -> None:
+        """Removes these ids' output rows, so that the run generates them again; each part file is replaced
+        atomically (a crash leaves every file whole, and dropping again finishes the job)."""
+        if not ids:
+            return
+        wanted = pa.array(sorted(ids), pa.string())
+        for part in sorted(self.outputs.glob("part-*.parquet")):
+            table = pq.read_table(part)
+            drop = pc.is_in(table.column("id"), value_set=wanted)
+            if not pc.any(drop).as_py():
+                continue
+            kept = table.filter(pc.invert(drop))
+            if len(kept) == 0:
+                part.unlink()
+                continue
+            tmp = part.with_name(f".tmp-{part.name}")
+            pq.write_table(kept, tmp)
+            os.replace(tmp, part)
 
     def output_ids(self) -> Counter:
         """How many output rows each id has (more than one would be a duplicate)."""

@@ -57,6 +57,69 @@ def read(cfg: DataConfig) -> ray.data.Dataset:
     return ds.limit(cfg.limit) if cfg.limit else ds
 
 
+def read_all(cfg: DataConfig) -> ray.data.Dataset:
+    """The corpus, read once (materialized). A file the reader rejects stops the job here, before any actor
+    starts. JSONL is checked line by line first (Ray's reader takes a column that mixes text and numbers,
+    and fails later, in the actors), and its errors name the file, the line and what is wrong."""
+    fmt, files = detect_format(Path(cfg.path).expanduser().resolve())
+    problem = first_jsonl_problem(files) if fmt == "jsonl" else None
+    if problem:
+        raise ValueError(f"data.path={cfg.path!r}: {problem}; fix or remove it and run again")
+    try:
+        return read(cfg).materialize()
+    except (FileNotFoundError, ValueError) as e:
+        if str(e).startswith("data.") and not isinstance(e, ray.exceptions.RayError):  # ours: names the key
+            raise
+        error = e
+    except Exception as e:  # Arrow's and Ray's read errors name neither the file nor the line
+        error = e
+    raise ValueError(
+        f"data.path={cfg.path!r} cannot be read as {fmt}: {type(error).__name__}: {error}"
+    ) from None
+
+
+def first_jsonl_problem(files: list[str]) -> str | None:
+    """'FILE line N: what is wrong' for the first line that is not UTF-8, not a JSON object, or gives a
+    column another kind of value (text, number, boolean, list, object) than its earlier lines did."""
+    kinds: dict[str, tuple[str, str]] = {}  # column -> (kind, where first seen)
+    for path in files:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                where = f"{path} line {number}"
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return f"{where} is not valid UTF-8 (byte {e.start})"
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as e:
+                    return f"{where} is not valid JSON ({e.msg} at column {e.colno})"
+                if not isinstance(row, dict):
+                    return f"{where} is a JSON {type(row).__name__}, not an object"
+                for column, value in row.items():
+                    kind = _json_kind(value)
+                    if kind is None:
+                        continue
+                    seen = kinds.setdefault(column, (kind, where))
+                    if seen[0] != kind:
+                        return f"{where}: column {column!r} is {kind} here and {seen[0]} at {seen[1]}"
+    return None
+
+
+def _json_kind(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    return "a list" if isinstance(value, list) else "an object"
+
+
 def check_columns(ds: ray.data.Dataset, data: DataConfig, task: TaskConfig) -> list[str]:
     """The corpus's columns; every column the config names must be among them."""
     columns = list(ds.schema().names)
@@ -67,6 +130,24 @@ def check_columns(ds: ray.data.Dataset, data: DataConfig, task: TaskConfig) -> l
         if column is not None and column not in columns:
             raise ValueError(f"{key}={column!r} is not a column of {data.path}; its columns are {columns}")
     return columns
+
+
+def row_hash(value: object) -> str:
+    """A row's input text (or any value) as a short hash: what a resume compares to find changed rows."""
+    blob = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def input_hashes(ds: ray.data.Dataset, data: DataConfig, column: str) -> dict[str, str]:
+    """id -> row_hash of the row's `column`, for every row."""
+    hashes = {}
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=65536):
+        with_id = assign_ids(batch, data.id_column)
+        for row_id, value in zip(
+            with_id.column(ID).to_pylist(), batch.column(column).to_pylist(), strict=True
+        ):
+            hashes[row_id] = row_hash(value)
+    return hashes
 
 
 def content_id(row: dict) -> str:

@@ -15,6 +15,9 @@ class RowResult:
     num_generated_tokens: int = 0
     truncated: bool = False  # the prompt was cut to fit the context window (on_too_long="truncate")
     latency_s: float = 0.0  # from the start of the call until this row finished
+    # the error came from generating (out of memory, a kernel failure), not from the input: running the
+    # row again may succeed
+    retryable: bool = False
 
     @property
     def ok(self) -> bool:

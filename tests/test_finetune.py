@@ -324,10 +324,9 @@ def test_auto_picks_the_adapter_with_fewest_plans_then_the_deepest_plan_that_mee
         return choose(measure_skip, tokenizer, shipped, TableMeasurer(measure_skip, tokenizer))
 
     assert pick(2.0) == ("x2", 3)
-    assert pick(2.5) == ("narrow", 2)  # x2 cannot reach it; 3x is over 2.5x by 20%, but 3 layers run 2.25x
-    # 1.5x: x2's 3 layers run 2.25x, more than 15% over, and 4 or 5 layers would meet it; the range
-    # adapter's 5 layers run 1.5x
-    assert pick(1.5) == ("range", 5)
+    assert pick(2.5) == ("narrow", 2)  # x2 cannot reach it
+    # 1.5x: the specialist's 3 layers, though they run 2.25x and the range adapter has 5 layers at 1.5x
+    assert pick(1.5) == ("x2", 3)
     assert pick(1.0) == (None, 8)  # full depth asked for: no adapter of a shallower plan is taken instead
     full = adapter("full", 8)
     assert choose(replace(skip, target_speedup=1.0), tokenizer, [*shipped, full]) == ("full", 8)
@@ -398,3 +397,27 @@ def test_the_shipped_adapters_serve_the_uniform_plans_they_are_listed_for():
         plans = {plan for p in shipped[task] for plan in adapter_plans(root / p)}
         for target in targets:  # basis=layers: the paper's plans, each served by an adapter for the task
             assert ("full", make_plan(30, "uniform", target).kept_layers) in plans, (task, target)
+
+
+@pytest.mark.parametrize("strategy", ["none", "uniform", "searched", "early_exit", "keep_top", "random"])
+@pytest.mark.parametrize("basis", ["layers", "measured"])
+def test_target_one_is_full_depth_under_every_strategy_basis_and_adapter_setting(
+    tmp_path, tokenizer, strategy, basis
+):
+    from pipeline.config import SkipConfig
+
+    model = add_lora(build_llama(tokenizer), rank=4, alpha=8)
+    shallow = str(save_adapter(model, tmp_path / "x2", [PLAN, make_plan(8, "uniform", 8 / 6)]))
+    full = str(save_adapter(model, tmp_path / "full", [full_plan(8)]))
+    skip = SkipConfig(strategy=strategy, basis=basis, target_speedup=1.0)
+    # auto: a shipped full-depth adapter (skip=none: the job resolves auto to no adapter, pipeline.config)
+    for adapter, shipped, expected in [
+        (None, [], None),
+        ("auto", [shallow], None),
+        ("auto", [shallow, full], None if strategy == "none" else "full"),
+    ]:
+        assert choose(replace(skip, adapter=adapter), tokenizer, shipped) == (expected, 8)
+    assert choose(replace(skip, adapter=full), tokenizer, []) == ("full", 8)
+    if strategy != "none":  # skip=none loads an explicit adapter as it is, and loading refuses a shallow one
+        with pytest.raises(ValueError, match="has no full-depth plan"):
+            choose(replace(skip, adapter=shallow), tokenizer, [])

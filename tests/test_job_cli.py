@@ -39,8 +39,8 @@ def cli(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def run(args: list[str], **kw) -> subprocess.CompletedProcess:
-    env = os.environ | {"RAY_DEDUP_LOGS": "0"}
+def run(args: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = os.environ | {"RAY_DEDUP_LOGS": "0"} | (env or {})
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=300, **kw)
 
 
@@ -104,48 +104,24 @@ def test_killed_driver_resumes_without_loss_or_duplicates(tmp_path, tiny_model_d
     assert all(t is not None for t in texts)
 
 
-def generator_actor_pids() -> list[int]:
-    """Processes whose title Ray set to the generator actor's (ray::MapWorker(MapBatches(Generator)))."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            title = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if proc.name.isdigit() and title.startswith("ray::MapWorker(MapBatches(Generator))"):
-            pids.append(int(proc.name))
-    return pids
-
-
-def test_killed_actor_is_restarted_and_its_batch_redone(tmp_path, tiny_model_dir):
-    rows = corpus_rows(40)
+def test_a_row_that_kills_its_actor_becomes_an_error_row_and_every_other_row_is_written_once(
+    tmp_path, tiny_model_dir
+):
+    rows = corpus_rows(6)
+    rows[3]["text"] = "POISON: generating this row kills the process"
     data = write_jsonl(tmp_path / "c.jsonl", rows)
-    out = tmp_path / "run"
-    args = cli(
-        tiny_model_dir, data, out, "cluster.batch_size=1", "task.max_new_tokens=24", "cluster.num_actors=2"
-    )
-    proc = subprocess.Popen(
-        args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and len(list((out / "outputs").glob("part-*.parquet"))) < 3:
-            time.sleep(0.2)
-        victims = generator_actor_pids()
-        assert len(victims) == 2, victims
-        os.kill(victims[0], signal.SIGKILL)  # one actor, mid-batch; the driver and the other actor live on
-        written_at_kill = len(list((out / "outputs").glob("part-*.parquet")))
-        log, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert written_at_kill < 40, "the kill should land mid-run"
-    assert proc.returncode == 0, log[-3000:]  # Ray restarts the actor and retries its batch
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["ids_check"] == {"ok": True, "missing": 0, "duplicated": 0, "unexpected": 0}
-    counts = RunDir(out).output_ids()
-    assert sorted(counts) == sorted(r["doc"] for r in rows) and set(counts.values()) == {1}
-    assert not Path(f"/proc/{victims[0]}").exists()  # the actor really died mid-run
+    faults = {
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "faults"), os.environ.get("PYTHONPATH", "")])
+    }
+    faults["SKIPENGINE_TEST_KILL_ON"] = "POISON"  # tests/faults/sitecustomize.py, in the actors
+    result = run(cli(tiny_model_dir, data, tmp_path / "run", "cluster.batch_size=4"), env=faults)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["ids_check"]["ok"] and summary["rows_error"] == 1 and summary["rows_ok"] == 5
+    out = {r["id"]: r for r in pq.read_table(tmp_path / "run" / "outputs").to_pylist()}
+    assert "killed its actor" in out["d003"]["error"] and out["d003"]["retryable"]
+    assert all(out[r["doc"]]["error"] is None for r in rows if r["doc"] != "d003")
+    assert set(RunDir(tmp_path / "run").output_ids().values()) == {1}
 
 
 def test_bench_quality_names_missing_files_before_loading_anything(tmp_path):

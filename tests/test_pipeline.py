@@ -169,6 +169,18 @@ def test_output_modes_protect_existing_results(tmp_path, tiny_model_dir):
         run_job(job(tiny_model_dir, path, tmp_path / "run", output={"mode": "error"}))
     with pytest.raises(ValueError, match=r"different job \(skip.target_speedup: 2.0 -> 1.5\)"):
         run_job(job(tiny_model_dir, path, tmp_path / "run", skip={"target_speedup": 1.5}))
+    with pytest.raises(ValueError, match=r"data.keep_columns\[0\]='error' clashes with the output column"):
+        run_job(job(tiny_model_dir, path, tmp_path / "run", data={"keep_columns": ["error"]}))
+    with pytest.raises(ValueError, match="model.dtype='float12' is not valid"):  # before overwrite deletes
+        run_job(
+            job(
+                tiny_model_dir,
+                path,
+                tmp_path / "run",
+                model={"dtype": "float12"},
+                output={"mode": "overwrite"},
+            )
+        )
     again = run_job(job(tiny_model_dir, path, tmp_path / "run"))  # resume: nothing left to do
     assert again["rows_resumed"] == 4 and again["rows_generated_now"] == 0 and again["ids_check"]["ok"]
     over = run_job(
@@ -234,7 +246,8 @@ def test_a_failing_batch_is_retried_then_split_down_to_the_bad_row(tmp_path, tin
     stats = generator(batch).to_pylist()[0]
     assert stats["rows"] == 8 and stats["rows_error"] == 1 and stats["rows_ok"] == 7
     out = {r["id"]: r for r in outputs(tmp_path / "run")}
-    assert "simulated kernel failure" in out["d005"]["error"]
+    assert "simulated kernel failure" in out["d005"]["error"] and out["d005"]["retryable"] is True
+    assert {out[r["doc"]]["retryable"] for r in rows if r["doc"] != "d005"} == {None}  # null: no error
     assert all(out[r["doc"]]["error"] is None for r in rows if r["doc"] != "d005")
     # retried once at full size, then halves: 8, 8, 4 (ok) + 4, 4, 2 (ok) + 2, 2, 1, 1 (bad, bad) + 1 (ok)
     assert generator.engine.calls[:2] == [8, 8] and generator.engine.calls.count(1) == 3
@@ -338,3 +351,56 @@ def test_a_measured_plan_is_built_once_reused_on_resume_and_a_failing_one_delete
         run_job(cfg)
     assert sorted(p.name for p in (tmp_path / "run" / "outputs").iterdir()) == before
     assert (tmp_path / "run" / "plan.json").read_text() == written
+
+
+@pytest.mark.parametrize(
+    "bad_line, problem",
+    [
+        (b'{"doc": "d2", "text": "no closing brace"\n', "is not valid JSON"),
+        (b'{"doc": "d2", "text": "caf\xe9"}\n', "is not valid UTF-8"),
+        (b'{"doc": "d2", "text": 7}\n', "column 'text' is a number here and text at"),
+    ],
+)
+def test_a_malformed_jsonl_line_is_named_by_file_and_line_before_any_actor_starts(
+    tmp_path, tiny_model_dir, bad_line, problem
+):
+    path = write_jsonl(tmp_path / "c.jsonl", corpus_rows(2))
+    path.write_bytes(path.read_bytes() + bad_line)
+    with pytest.raises(ValueError, match=rf"c.jsonl line 3:? {problem}"):
+        run_job(job(tiny_model_dir, path, tmp_path / "run"))
+    assert not (tmp_path / "run" / "outputs").exists()
+
+
+def test_resume_regenerates_retryable_errors_and_refuses_or_regenerates_changed_rows(
+    tmp_path, tiny_model_dir
+):
+    rows = corpus_rows(4)
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
+    cfg = job(tiny_model_dir, data, tmp_path / "run")
+    run_job(cfg)
+    first = {r["id"]: r for r in outputs(tmp_path / "run")}
+    # what an out-of-memory failure of row d001 would have left: its row, with a retryable error
+    part = next(p for p in (tmp_path / "run" / "outputs").glob("part-*.parquet"))
+    table = pq.read_table(part).to_pylist()
+    for row in table:
+        if row["id"] == "d001":
+            row.update(
+                error="generation failed: OutOfMemoryError: simulated", retryable=True, generated_text=None
+            )
+    pq.write_table(pa.Table.from_pylist(table, pq.read_schema(part)), part)
+    assert run_job(cfg)["rows_error"] == 1  # a plain resume keeps it
+    cfg.output.retry_errors = True
+    summary = run_job(cfg)
+    out = {r["id"]: r for r in outputs(tmp_path / "run")}
+    assert summary["rows_generated_now"] == 1 and summary["ids_check"]["ok"] and summary["rows_error"] == 0
+    assert out["d001"]["generated_text"] == first["d001"]["generated_text"]
+
+    rows[2]["text"] = "A text that changed after it was generated"
+    write_jsonl(data, rows)
+    with pytest.raises(ValueError, match=r"input text of 1 done rows changed .*'d002'.*regenerate_changed"):
+        run_job(cfg)
+    cfg.output.regenerate_changed = True
+    summary = run_job(cfg)
+    out = {r["id"]: r for r in outputs(tmp_path / "run")}
+    assert summary["rows_generated_now"] == 1 and summary["ids_check"]["ok"] and len(out) == 4
+    assert out["d002"]["prompt"].startswith("A text that changed")
