@@ -1,10 +1,15 @@
-"""python -m jobs.bench_finetune: seconds per fine-tuning step with gradient through the prompt pass
-(prompt_grad=true, the exact gradient) and without (false), on the same batches, the two interleaved and
-their order alternated so that the machine's drift falls on both. Prints one line per step and a JSON
-summary with the ratio."""
+"""python -m jobs.bench_finetune: seconds per fine-tuning step for two settings of one knob on the same
+batches, the two interleaved and their order alternated so that the machine's drift falls on both.
+
+compare=prompt_grad  gradient through the prompt pass (the exact gradient) against none
+compare=precision    fp32 against bf16 autocast (fp32 master weights); each side keeps its own copy of
+                     the trainable weights and optimizer, so the losses show how far bf16 drifts
+
+Prints one line per step and a JSON summary with the ratio."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -16,9 +21,10 @@ from omegaconf import DictConfig
 
 from jobs.common import setup
 from jobs.finetune import examples_for, plans_for
+from pipeline.planning import device_name
 from skipengine import load_model
 from skipengine.depth import training_runs
-from skipengine.finetune import LOSSES, batches, collate, make_trainable, train_step
+from skipengine.finetune import LOSSES, batches, collate, make_trainable, resolve_precision, train_step
 
 log = logging.getLogger("bench_finetune")
 
@@ -29,28 +35,50 @@ def main(cfg: DictConfig) -> None:
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
     examples = examples_for(cfg, tokenizer)
     plan = plans_for(cfg, model.config.num_hidden_layers)[0]
-    model = make_trainable(model, cfg.method, cfg.rank, cfg.alpha).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    seconds = {True: [], False: []}
+    sides = {"prompt_grad": (True, False), "precision": ("fp32", "bf16")}.get(cfg.compare)
+    if sides is None:
+        raise ValueError(f"compare={cfg.compare!r} is unknown; use prompt_grad or precision")
+    models = {
+        side: make_trainable(copy.deepcopy(model), cfg.method, cfg.rank, cfg.alpha).train() for side in sides
+    }
+    optimizers = {
+        side: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr)
+        for side, m in models.items()
+    }
+    seconds, losses = {side: [] for side in sides}, {side: [] for side in sides}
     stream = batches(examples, cfg.batch_size, seed=0)
     for i in range(cfg.batches):
         batch = collate(next(stream), tokenizer.pad_token_id, cfg.max_len)
         runs = training_runs(plan, batch["is_prompt"])
-        for prompt_grad in (True, False) if i % 2 else (False, True):
+        for side in sides if i % 2 else sides[::-1]:
+            prompt_grad = side if cfg.compare == "prompt_grad" else cfg.prompt_grad
+            precision = (
+                side
+                if cfg.compare == "precision"
+                else resolve_precision(cfg.precision, batch["prompt_ids"].device)
+            )
             loss_fn = partial(LOSSES[cfg.loss], prompt_grad=prompt_grad)
             start = time.perf_counter()
-            loss = train_step(model, batch, runs, loss_fn, optimizer)
+            loss = train_step(models[side], batch, runs, loss_fn, optimizers[side], precision)
             elapsed = time.perf_counter() - start
+            losses[side].append(loss)
             if i:  # the first batch warms up
-                seconds[prompt_grad].append(elapsed)
+                seconds[side].append(elapsed)
             prompt, response = int(batch["prompt_mask"].sum()), int(batch["response_mask"].sum())
             log.info(
-                "batch %d prompt_grad=%s: %.2f s, loss %.3f (%d prompt + %d response tokens)",
-                *(i, prompt_grad, elapsed, loss, prompt, response),
+                "batch %d %s=%s: %.2f s, loss %.3f (%d prompt + %d response tokens)",
+                *(i, cfg.compare, side, elapsed, loss, prompt, response),
             )
-    exact, fast = (sum(seconds[g]) / len(seconds[g]) for g in (True, False))
-    summary = {"plan": str(plan), "steps_each": len(seconds[True]), "s_per_step_prompt_grad": exact}
-    summary |= {"s_per_step_no_prompt_grad": fast, "speedup": exact / fast}
+    mean = {side: sum(seconds[side]) / len(seconds[side]) for side in sides}
+    summary = {
+        "device": device_name(next(model.parameters()).device),
+        "plan": str(plan),
+        "compare": cfg.compare,
+        "steps_each": len(seconds[sides[0]]),
+    }
+    summary |= {f"s_per_step_{side}": mean[side] for side in sides}
+    summary |= {f"losses_{side}": [round(x, 4) for x in losses[side]] for side in sides}
+    summary["speedup"] = mean[sides[0]] / mean[sides[1]]
     print(json.dumps(summary))
 
 

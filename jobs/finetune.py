@@ -117,6 +117,7 @@ def main(cfg: DictConfig) -> None:
         rank=cfg.rank,
         alpha=cfg.alpha,
         init_adapter=cfg.init_adapter,
+        precision=cfg.precision,
         prompt_grad=cfg.prompt_grad,
     )
     path = train(model, examples, plans, config, cfg.out_dir, tokenizer.pad_token_id)

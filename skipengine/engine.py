@@ -97,7 +97,9 @@ class Engine:
         if self.adapter is not None:
             generated, reasons, finished_at = self._generate_native(ids, plan, sampling, stats)
         else:
-            generated, reasons = generic.generate(self.model, ids, plan, sampling, self, stats)
+            generated, reasons = generic.generate(
+                self.model, ids, plan, sampling, self.tokenizer, self.pad_id, self.eos_ids, stats
+            )
             finished_at = [time.perf_counter()] * len(ids)
         for i, prompt_ids, new_ids, reason, end in zip(
             good, ids, generated, reasons, finished_at, strict=True

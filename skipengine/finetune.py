@@ -12,6 +12,7 @@ as one safetensors file whose metadata ties it to the base model and the plan(s)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -161,6 +162,42 @@ def distill_loss(
 
 LOSSES: dict[str, Callable] = {"uls": uls_loss, "distill": distill_loss}
 METHODS = ("lora", "full")  # full: every decoder weight trains; embeddings (tied to the head) stay frozen
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device multiplies bf16 in hardware (AVX512-BF16 or AMX on a CPU); elsewhere bf16 is
+    emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    )
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """finetune.precision: bf16 autocast over fp32 master weights where the device has native bf16
+    ("auto"), or as asked."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"finetune.precision={precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if native_bf16(device):
+            return "bf16"
+        log.info("no native bf16 on this %s: training in fp32 (finetune.precision=auto)", device.type)
+        return "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        log.warning(
+            "finetune.precision=bf16 on a %s without native bf16: emulated, slower than fp32", device.type
+        )
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward's context: bf16 matmuls with fp32 weights, gradients and optimizer state (the losses
+    take their softmax in fp32), or plain fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # -- adapters (the file format and merging live in skipengine.lora) ------------------------------
@@ -265,6 +302,7 @@ class TrainConfig:
     seed: int = 0
     init_adapter: str | None = None  # start from this adapter's weights (start_from_adapter)
     prompt_grad: bool = True  # False: no prompt-pass gradient (response_logits): faster, learns less
+    precision: str = "auto"  # bf16 autocast where the device has native bf16, else fp32 (PRECISIONS)
 
 
 def batches(examples: Sequence[Example], size: int, seed: int) -> Iterator[list[Example]]:
@@ -283,9 +321,12 @@ def train_step(
     runs: torch.Tensor,
     loss_fn: Callable,
     optimizer: torch.optim.Optimizer,
+    precision: str = "fp32",
 ) -> float:
-    """One optimizer step on one batch (gradients clipped to norm 1); returns the loss."""
-    loss = loss_fn(model, batch, runs)
+    """One optimizer step on one batch (gradients clipped to norm 1); returns the loss. precision bf16
+    runs the forward under bf16 autocast (resolve_precision)."""
+    with autocast(precision, batch["prompt_ids"].device):
+        loss = loss_fn(model, batch, runs)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -314,7 +355,11 @@ def train(
     # full fine-tuning distills from a frozen copy of the base model; LoRA switches itself off instead
     teacher = copy.deepcopy(model).eval() if config.method == "full" and config.loss == "distill" else None
     model = make_trainable(model, config.method, config.rank, config.alpha)
+    device = next(model.parameters()).device
+    precision = resolve_precision(config.precision, device)
+    log.info("training precision: %s", precision)
     info = {"loss": config.loss, "method": config.method, "prompt_grad": config.prompt_grad}
+    info["precision"] = precision
     if config.init_adapter:
         start_from_adapter(model, config.init_adapter)
         info["init_adapter"] = f"{Path(config.init_adapter).name}@{adapter_id(config.init_adapter)}"
@@ -351,7 +396,8 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         runs = training_runs(plan, batch["is_prompt"], exit_rng)
-        window.append(train_step(model, batch, runs, loss_fn, optimizer))
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        window.append(train_step(model, batch, runs, loss_fn, optimizer, precision))
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             elapsed = time.perf_counter() - tick
             record = {

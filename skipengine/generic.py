@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,9 +16,6 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from skipengine.outputs import GenerationStats
 from skipengine.plan import SkipPlan
 from skipengine.sampling import SamplingParams, find_stop
-
-if TYPE_CHECKING:
-    from skipengine.engine import Engine
 
 LAYER_LIST_NAMES = ("layers", "block", "h")  # Llama/Marian/BART/NLLB, T5, GPT-2
 LAYER_COUNT_KEYS = ("decoder_layers", "num_decoder_layers", "num_hidden_layers", "n_layer")
@@ -107,7 +103,9 @@ def generate(
     prompts: list[list[int]],
     plan: SkipPlan,
     sampling: SamplingParams,
-    engine: Engine,
+    tokenizer,
+    pad_id: int,
+    eos_ids: set[int],
     stats: GenerationStats,
 ) -> tuple[list[list[int]], list[str]]:
     """Runs HF generate per row group; returns new token ids and finish reasons per prompt."""
@@ -120,27 +118,24 @@ def generate(
     check_sampling(model, sampling)
     batch = len(prompts)
     width = max(len(p) for p in prompts)
-    input_ids = torch.full((batch, width), engine.pad_id, dtype=torch.long)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
     attention = torch.zeros((batch, width), dtype=torch.long)
     for r, p in enumerate(prompts):
         input_ids[r, width - len(p) :] = torch.tensor(p)
         attention[r, width - len(p) :] = 1
     clock = _FirstTokenClock()
-    kwargs = dict(
-        sampling.hf_kwargs(), pad_token_id=engine.pad_id, logits_processor=LogitsProcessorList([clock])
-    )
+    kwargs = dict(sampling.hf_kwargs(), pad_token_id=pad_id, logits_processor=LogitsProcessorList([clock]))
     if not sampling.greedy:
         torch.manual_seed(sampling.seed)
     if sampling.ignore_eos:
         kwargs.update(eos_token_id=None, min_new_tokens=sampling.max_new_tokens)
     if sampling.stop:
-        kwargs.update(stop_strings=list(sampling.stop), tokenizer=engine.tokenizer)
+        kwargs.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
 
+    device = next(model.parameters()).device
     start = time.perf_counter()
     with pruned_decoder(model, plan.kept_layers):
-        out = model.generate(
-            input_ids=input_ids.to(engine.device), attention_mask=attention.to(engine.device), **kwargs
-        )
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
     end = time.perf_counter()
     first = clock.first_at or end
     stats.prefill_s, stats.decode_s = first - start, end - first
@@ -153,13 +148,13 @@ def generate(
         ids = []
         for tok in row:
             ids.append(tok)
-            if not sampling.ignore_eos and tok in engine.eos_ids:
+            if not sampling.ignore_eos and tok in eos_ids:
                 break
-        while ids and ids[-1] == engine.pad_id and engine.pad_id not in engine.eos_ids:
+        while ids and ids[-1] == pad_id and pad_id not in eos_ids:
             ids.pop()
         generated.append(ids)
-        hit_eos = bool(ids) and ids[-1] in engine.eos_ids and not sampling.ignore_eos
-        hit_stop = find_stop(engine.decode(ids), sampling.stop) is not None
+        hit_eos = bool(ids) and ids[-1] in eos_ids and not sampling.ignore_eos
+        hit_stop = find_stop(tokenizer.decode(ids, skip_special_tokens=True), sampling.stop) is not None
         reasons.append("stop" if hit_eos or hit_stop else "length")
     stats.decode_steps = new.shape[1] - 1
     stats.decode_row_steps = sum(max(0, len(g) - 1) for g in generated)

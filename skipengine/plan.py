@@ -9,10 +9,13 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from skipengine.search import SearchedPlans
+
+class SearchedPlans(Protocol):
+    """What a plan needs of a layer search's result (skipengine.search.SearchedPlans): a kept set per n."""
+
+    def kept(self, num_kept: int) -> tuple[int, ...]: ...
 
 STRATEGIES = ("none", "uniform", "searched", "early_exit", "keep_top", "random")
 PREFILL_MODES = ("full", "skip")

@@ -2,6 +2,7 @@
 lowers the loss, adapters round-trip and refuse what they were not trained for."""
 
 import copy
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,8 +21,11 @@ from skipengine.finetune import (
     Example,
     TrainConfig,
     add_lora,
+    autocast,
     collate,
     distill_loss,
+    native_bf16,
+    resolve_precision,
     response_logits,
     response_targets,
     save_adapter,
@@ -421,3 +425,24 @@ def test_target_one_is_full_depth_under_every_strategy_basis_and_adapter_setting
     if strategy != "none":  # skip=none loads an explicit adapter as it is, and loading refuses a shallow one
         with pytest.raises(ValueError, match="has no full-depth plan"):
             choose(replace(skip, adapter=shallow), tokenizer, [])
+
+
+def test_bf16_training_tracks_fp32_and_is_recorded(tmp_path, tokenizer, examples):
+    cpu = torch.device("cpu")
+    base = build_llama(tokenizer)
+    batch = collate(examples, tokenizer.pad_token_id, max_len=64)
+    runs = training_runs(PLAN, batch["is_prompt"])
+    with torch.no_grad():
+        exact = uls_loss(base, batch, runs)
+        with autocast("bf16", cpu):
+            rounded = uls_loss(base, batch, runs)
+    # bf16 keeps 8 mantissa bits: its rounding moves the loss by a few eps, a bug by far more
+    assert rounded.item() != exact.item()
+    assert rounded.item() == pytest.approx(exact.item(), rel=4 * torch.finfo(torch.bfloat16).eps)
+
+    config = TrainConfig(steps=1, batch_size=2, save_every=1, log_every=1, precision="bf16")
+    path = train(copy.deepcopy(base), examples, [PLAN], config, tmp_path, tokenizer.pad_token_id)
+    assert json.loads(adapter_metadata(path)["info"])["precision"] == "bf16"
+    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    with pytest.raises(ValueError, match="finetune.precision='fp16' is unknown"):
+        resolve_precision("fp16", cpu)
