@@ -38,9 +38,8 @@ def main(cfg: DictConfig) -> None:
     sides = {"prompt_grad": (True, False), "precision": ("fp32", "bf16")}.get(cfg.compare)
     if sides is None:
         raise ValueError(f"compare={cfg.compare!r} is unknown; use prompt_grad or precision")
-    models = {
-        side: make_trainable(copy.deepcopy(model), cfg.method, cfg.rank, cfg.alpha).train() for side in sides
-    }
+    trainable = make_trainable(model, cfg.method, cfg.rank, cfg.alpha).train()
+    models = {side: copy.deepcopy(trainable) for side in sides}  # the same starting weights on both sides
     optimizers = {
         side: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr)
         for side, m in models.items()
@@ -71,7 +70,7 @@ def main(cfg: DictConfig) -> None:
             )
     mean = {side: sum(seconds[side]) / len(seconds[side]) for side in sides}
     summary = {
-        "device": device_name(next(model.parameters()).device),
+        "device": device_name(next(trainable.parameters()).device),
         "plan": str(plan),
         "compare": cfg.compare,
         "steps_each": len(seconds[sides[0]]),

@@ -24,7 +24,7 @@ import torch
 
 from pipeline.attempts import Attempts
 from pipeline.config import JobConfig, SkipConfig
-from pipeline.planning import RunPlan
+from pipeline.planning import RunPlan, device_name
 from pipeline.prompts import PromptBuilder
 from pipeline.sources import ID, row_hash
 from skipengine import Engine, GenerationStats, RowResult, full_plan, generic, load_model
@@ -175,6 +175,7 @@ class Generator:
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         # inside Ray, the node id; outside (a notebook, a benchmark) asking Ray would start it
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+        self.device = device_name(self.engine.device)  # with its model: what a cost study prices
         self._warm_up()
         log.info("actor %s ready: %s, adapter %s", self.actor, self.plan, self.adapter)
 
@@ -215,15 +216,19 @@ class Generator:
         self._write(batch_id, rows, prompts, results)
         self.attempts.finish(batch_id)
         stats_row = self._stats_row(batch_id, results, stats, time.perf_counter() - start)
-        stats_row |= self._measure_full_depth([prompts[i].ids for i in ready], stats)
+        stats_row |= self._measure_full_depth(
+            [prompts[i].ids for i in ready], [results[i].num_generated_tokens for i in ready], stats
+        )
         self.batches += 1
         return pa.Table.from_pylist([stats_row])
 
-    def _measure_full_depth(self, prompt_ids: list[list[int]], stats: list[GenerationStats]) -> dict:
+    def _measure_full_depth(
+        self, prompt_ids: list[list[int]], generated: list[int], stats: list[GenerationStats]
+    ) -> dict:
         """On every skip.full_depth_every-th batch, the same rows again at full depth, right after the plan
-        ran them: the achieved speedup measured on the job's own rows, for the decode steps alone and for
-        prefill plus decode. Both are for the same rows, so a plan whose rows run longer is slower by that.
-        (Full depth runs with the plan's adapter merged: its time, not its text, is what is measured.)"""
+        ran them, each generating as many tokens as the plan's did: the achieved speedup measured on the
+        job's own rows and work, for the decode steps alone and for prefill plus decode. (Full depth runs
+        with the plan's adapter merged: its time, not its text, is what is measured.)"""
         every = self.cfg.skip.full_depth_every
         measured = {key: None for key in FULL_DEPTH_STATS}
         if not every or self.batches % every or not prompt_ids or len(stats) != 1:
@@ -233,8 +238,9 @@ class Generator:
         started = time.perf_counter()
         try:
             full_depth = full_plan(self.engine.num_layers)
+            lengths = [max(1, n) for n in generated]  # a row the plan failed fails again: any count will do
             full = self.engine.generate(
-                prompt_ids, full_depth, self.sampling, self.cfg.task.on_too_long
+                prompt_ids, full_depth, self.sampling, self.cfg.task.on_too_long, lengths
             ).stats
         except Exception as e:  # the measurement is extra: it never fails the batch
             log.warning("full-depth measurement failed: %s: %s", type(e).__name__, e)
@@ -347,7 +353,7 @@ class Generator:
             "batch_id": batch_id,
             "actor": self.actor,
             "node": self.node,
-            "device": str(self.engine.device),
+            "device": self.device,
             "rows": len(results),
             "rows_ok": sum(r.ok for r in results),
             "rows_error": sum(not r.ok for r in results),

@@ -75,9 +75,10 @@ class SpeedSample:
 
 class SpeedProbe:
     """Measures plans on the job's own prompts, at its generation length, with rows finishing where they
-    do. Full depth on the base engine and the plan (on its own engine where it has an adapter merged) run
-    the whole sample alternately; speedups are ratios of medians. A result within `close` of the target is
-    measured once more."""
+    do. The plan (on its own engine where it has an adapter merged) runs the whole sample, then full depth
+    on the base engine generates the same number of tokens per row, so that a plan or an adapter that
+    writes shorter text does not pass for a faster one; the two alternate and speedups are ratios of
+    medians. A result within `close` of the target is measured once more."""
 
     def __init__(
         self,
@@ -90,17 +91,20 @@ class SpeedProbe:
     ):
         self.engine, self.prompts, self.sampling = engine, [list(p) for p in prompts], sampling
         self.target, self.on_too_long, self.close = target, on_too_long, close
-        self.full: list[tuple[float, float]] = []
+        # per (engine key, kept layers): (decode s, prefill + decode s) of the plan and of full depth
         self.samples: dict[tuple[str | None, tuple[int, ...]], list[tuple[float, float]]] = {}
+        self.full: dict[tuple[str | None, tuple[int, ...]], list[tuple[float, float]]] = {}
         self.warm: set[str | None] = set()
 
-    def _seconds(self, engine: Engine, plan: SkipPlan, key: str | None) -> tuple[float, float]:
-        """(decode seconds, prefill + decode seconds) of the whole sample."""
+    def _run(
+        self, engine: Engine, plan: SkipPlan, key: str | None, lengths: list[int] | None = None
+    ) -> tuple[float, float, list[int]]:
+        """(decode seconds, prefill + decode seconds, tokens generated per row) of the whole sample."""
         if key not in self.warm:  # allocator and kernels: a few tokens are enough
             warm_up = replace(self.sampling, max_new_tokens=min(8, self.sampling.max_new_tokens))
             engine.generate(self.prompts, plan, warm_up, self.on_too_long)
             self.warm.add(key)
-        out = engine.generate(self.prompts, plan, self.sampling, self.on_too_long)
+        out = engine.generate(self.prompts, plan, self.sampling, self.on_too_long, lengths)
         stats = out.stats
         if stats.num_errors == stats.num_rows:
             raise ValueError(f"no row of the calibration sample could be generated: {out.rows[0].error}")
@@ -109,22 +113,24 @@ class SpeedProbe:
                 "the calibration sample generated no decode steps (every row stopped at its first token); "
                 "use skip.basis=layers or a task that generates more than one token"
             )
-        return stats.decode_s, stats.prefill_s + stats.decode_s
+        # a failed row fails at full depth too (the same prompt): its count only has to be valid
+        generated = [max(1, row.num_generated_tokens) for row in out.rows]
+        return stats.decode_s, stats.prefill_s + stats.decode_s, generated
 
     def measure(self, plan: SkipPlan, engine: Engine | None = None, key: str | None = None) -> SpeedSample:
         """The plan's speedup on `engine` (default: the base engine; `key` names another, such as the
-        adapter merged into it) over full depth on the base engine."""
+        adapter merged into it) over full depth on the base engine, for the same tokens per row."""
         engine = engine or self.engine
         runs = self.samples.setdefault((key, plan.kept_layers), [])
+        full = self.full.setdefault((key, plan.kept_layers), [])
         for _ in range(2):
-            self.full.append(self._seconds(self.engine, full_plan(self.engine.num_layers), None))
-            runs.append(self._seconds(engine, plan, key))
-            full_decode = statistics.median(f[0] for f in self.full)
-            full_total = statistics.median(f[1] for f in self.full)
+            decode_s, total_s, lengths = self._run(engine, plan, key)
+            runs.append((decode_s, total_s))
+            full.append(self._run(self.engine, full_plan(self.engine.num_layers), None, lengths)[:2])
             sample = SpeedSample(
                 num_kept=plan.num_kept,
-                decode_speedup=full_decode / statistics.median(r[0] for r in runs),
-                speedup=full_total / statistics.median(r[1] for r in runs),
+                decode_speedup=statistics.median(f[0] for f in full) / statistics.median(r[0] for r in runs),
+                speedup=statistics.median(f[1] for f in full) / statistics.median(r[1] for r in runs),
                 runs=len(runs),
             )
             if abs(sample.decode_speedup / self.target - 1) >= self.close:

@@ -70,10 +70,19 @@ class Engine:
         plan: SkipPlan | None = None,
         sampling: SamplingParams | None = None,
         on_too_long: str = "error",
+        lengths: Sequence[int] | None = None,
     ) -> GenerationOutput:
-        """One RowResult per prompt, in order. A bad prompt fails its own row (error set), never the batch."""
+        """One RowResult per prompt, in order. A bad prompt fails its own row (error set), never the batch.
+
+        lengths: each row generates exactly this many tokens, EOS and stop strings ignored. A timing
+        reference that does another run's work: full depth timed on the rows a plan generated, so that a
+        plan (or an adapter) writing shorter or longer text does not pass for a faster or slower one."""
         plan = plan or full_plan(self.num_layers)
         sampling = sampling or SamplingParams()
+        if lengths is not None:
+            if len(lengths) != len(prompts) or min(lengths, default=1) < 1:
+                raise ValueError("lengths needs one count >= 1 per prompt")
+            sampling = dataclasses.replace(sampling, max_new_tokens=max(lengths), ignore_eos=True, stop=())
         if isinstance(plan, AdaptivePlan) and self.adapter is None:
             raise ValueError(f"skip=adaptive needs a native adapter; {type(self.model).__name__} has none")
         if plan.num_layers != self.num_layers:
@@ -93,9 +102,10 @@ class Engine:
             return GenerationOutput(rows, stats)
 
         ids = [encoded[i].ids for i in good]
+        limits = [sampling.max_new_tokens if lengths is None else lengths[i] for i in good]
         start = time.perf_counter()
         if self.adapter is not None:
-            generated, reasons, finished_at = self._generate_native(ids, plan, sampling, stats)
+            generated, reasons, finished_at = self._generate_native(ids, plan, sampling, stats, limits)
         else:
             generated, reasons = generic.generate(
                 self.model, ids, plan, sampling, self.tokenizer, self.pad_id, self.eos_ids, stats
@@ -142,15 +152,20 @@ class Engine:
 
     @torch.inference_mode()
     def _generate_native(
-        self, prompts: list[list[int]], plan: SkipPlan, sampling: SamplingParams, stats: GenerationStats
+        self,
+        prompts: list[list[int]],
+        plan: SkipPlan,
+        sampling: SamplingParams,
+        stats: GenerationStats,
+        max_new: list[int],
     ) -> tuple[list[list[int]], list[str], list[float]]:
-        """New tokens, finish reason and finish time per prompt."""
+        """New tokens, finish reason and finish time per prompt; row i generates at most max_new[i]."""
         ad, dev = self.adapter, self.device
         batch = len(prompts)
         lengths = [len(p) for p in prompts]
         prompt_len = max(lengths)
         # a row may generate up to its token limit or the end of the context window, whichever is first
-        limits = [min(sampling.max_new_tokens, self.max_context - n) for n in lengths]
+        limits = [min(m, self.max_context - n) for m, n in zip(max_new, lengths, strict=True)]
         cache = StaticKVCache(
             plan.kept_layers, batch, ad.num_kv_heads, prompt_len + max(limits), ad.head_dim, self.dtype, dev
         )

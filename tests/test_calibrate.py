@@ -41,10 +41,30 @@ def test_an_unreachable_target_finds_nothing_and_a_noisy_line_still_converges():
 def test_the_speed_probe_runs_plans_against_full_depth_on_the_given_prompts(llama, tokenizer, prompts):
     engine = Engine(llama, tokenizer)
     probe = SpeedProbe(engine, prompts[:2], SamplingParams(max_new_tokens=6), target=1.5)
-    sample = probe.measure(make_plan(8, "uniform", 2.0))
-    assert sample.num_kept == 4 and sample.runs in (1, 2) and len(probe.full) == sample.runs
+    plan = make_plan(8, "uniform", 2.0)
+    sample = probe.measure(plan)
+    assert (
+        sample.num_kept == 4
+        and sample.runs in (1, 2)
+        and len(probe.full[None, plan.kept_layers]) == sample.runs
+    )
     assert sample.decode_speedup > 0 and sample.speedup > 0
     with pytest.raises(ValueError, match="no decode steps"):
         SpeedProbe(engine, prompts[:2], SamplingParams(max_new_tokens=1), 1.5).measure(
             make_plan(8, "uniform", 2.0)
         )
+
+
+def test_a_timing_reference_generates_the_given_number_of_tokens_per_row(llama, tokenizer, prompts):
+    engine = Engine(llama, tokenizer)
+    sampling = SamplingParams(max_new_tokens=6, stop=("the",))
+    natural = engine.generate(prompts[:3], sampling=sampling)
+    forced = engine.generate(prompts[:3], sampling=sampling, lengths=[1, 4, 9])
+    # EOS, stop strings and max_new_tokens give way: each row does exactly the work it is given
+    assert [r.num_generated_tokens for r in forced.rows] == [1, 4, 9]
+    for row, reference in zip(forced.rows, natural.rows, strict=True):  # greedy: the same tokens first
+        shared = min(len(row.token_ids), len(reference.token_ids))
+        assert row.token_ids[:shared] == reference.token_ids[:shared]
+    assert forced.stats.decode_row_steps == 0 + 3 + 8
+    with pytest.raises(ValueError, match="one count >= 1 per prompt"):
+        engine.generate(prompts[:3], lengths=[1, 2])
