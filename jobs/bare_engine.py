@@ -10,9 +10,8 @@ import sys
 import time
 
 import torch
-from omegaconf import OmegaConf
 
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, typed
 from pipeline.prompts import PromptBuilder
 from skipengine import Engine, load_model, make_plan
 
@@ -33,7 +32,7 @@ def time_batches(engine: Engine, cfg: JobConfig, texts: list[str]) -> tuple[floa
 
 def main() -> None:
     request = json.load(sys.stdin)
-    cfg: JobConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), request["cfg"]))
+    cfg = typed(request["cfg"], JobConfig)
     torch.set_num_threads(cfg.cluster.threads_per_actor)  # what the job's actor gets
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
     tokens_per_s, tokens = time_batches(Engine(model, tokenizer), cfg, request["texts"])

@@ -15,20 +15,59 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from jobs.common import aclsum_test_prompts, setup
-from pipeline.config import SkipConfig
+from jobs.common import aclsum_test_prompts, job_config, setup
+from pipeline.config import ModelConfig, SkipConfig, choice, validate_model
 from pipeline.generator import adaptive_engine, build_adaptive_plan
 from skipengine import SamplingParams, full_plan, load_model, make_plan, measure_cost_model
+from skipengine.adaptive import KV_FILLS
 
 log = logging.getLogger("bench_adaptive")
 
 
+@dataclass
+class BenchAdaptiveConfig:
+    """conf/bench_adaptive.yaml's keys; its comments say what each does."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    exit_classifiers: str | None = "adapters/smollm2-summarize-adaptive-x1.25-exits.safetensors"
+    adapter: str | None = "adapters/smollm2-summarize-adaptive-x1.25.safetensors"  # the classifiers' own
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    targets: list[float] = field(default_factory=lambda: [1.25, 1.5, 2.0])
+    calibration_rows: int = 16
+    kv_fills: list[str] = field(default_factory=lambda: ["decoupled"])  # skip.kv_fill per adaptive row
+    calm: bool = True  # also CALM's LM-head confidence at the first target
+    controller: bool = True  # hold each target step by step; false: the calibrated threshold fixed
+    new_tokens: int = 64
+    repeats: int = 3
+    threads: int = 2
+
+    def validate(self) -> None:
+        validate_model(self.model)
+        for fill in self.kv_fills:
+            choice("kv_fills", fill, KV_FILLS)
+        for key in ("exit_classifiers", "adapter"):
+            path = getattr(self, key)
+            if path and not Path(path).expanduser().is_file():
+                raise FileNotFoundError(f"{key}={path!r} does not exist")
+        if not self.kv_fills or not self.targets or not self.batch_sizes:
+            raise ValueError("batch_sizes, targets and kv_fills must each list at least one value")
+        if min(self.targets) < 1 or min(self.batch_sizes) < 1 or self.repeats < 1:
+            raise ValueError("targets must be >= 1.0, and batch_sizes and repeats >= 1")
+
+
+ConfigStore.instance().store(name="bench_adaptive_schema", node=BenchAdaptiveConfig)
+
+
 @hydra.main(config_path="../conf", config_name="bench_adaptive", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(dcfg: DictConfig) -> None:
+    cfg = job_config(dcfg, BenchAdaptiveConfig)
     setup(cfg.threads)
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
     adaptive = dict(strategy="adaptive", exit_classifiers=cfg.exit_classifiers, adapter=cfg.adapter)

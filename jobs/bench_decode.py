@@ -8,19 +8,55 @@ from __future__ import annotations
 import json
 import logging
 import resource
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 import pyarrow as pa
 import pyarrow.parquet as pq
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from jobs.common import engine_from_config, setup
+from jobs.common import engine_from_config, job_config, setup
+from pipeline.config import ModelConfig, choice, validate_model
 from pipeline.corpora import read_bible
 from skipengine.benchmark import DecodeBenchConfig, run_decode_bench, text_prompts
+from skipengine.plan import BASES, STRATEGIES
 
 log = logging.getLogger("bench_decode")
+
+
+@dataclass
+class BenchDecodeConfig:
+    """conf/bench_decode.yaml's keys."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    targets: list[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0])
+    bases: list[str] = field(default_factory=lambda: ["layers", "measured"])
+    strategy: str = "uniform"
+    prompt_tokens: int = 100
+    new_tokens: int = 64
+    repeats: int = 3
+    threads: int = 2
+    hf_baseline: bool = True  # also HF generate() at full depth, the baseline of "vs HF"
+    corpus: str = "data/bible_kjv_rv1909.en-es.tsv.gz"  # the prompts' text
+
+    def validate(self) -> None:
+        validate_model(self.model)
+        choice("strategy", self.strategy, STRATEGIES)
+        for basis in self.bases:
+            choice("bases", basis, BASES)
+        if not self.batch_sizes or not self.targets or not self.bases:
+            raise ValueError("batch_sizes, targets and bases must each list at least one value")
+        if min(self.targets) < 1 or min(self.batch_sizes) < 1 or self.repeats < 1:
+            raise ValueError("targets must be >= 1.0, and batch_sizes and repeats >= 1")
+        if not Path(self.corpus).is_file():
+            raise FileNotFoundError(f"corpus={self.corpus!r} does not exist")
+
+
+ConfigStore.instance().store(name="bench_decode_schema", node=BenchDecodeConfig)
 
 
 def table(rows: list[dict]) -> str:
@@ -42,7 +78,8 @@ def table(rows: list[dict]) -> str:
 
 
 @hydra.main(config_path="../conf", config_name="bench_decode", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(dcfg: DictConfig) -> None:
+    cfg = job_config(dcfg, BenchDecodeConfig)
     setup(cfg.threads)
     engine = engine_from_config(cfg.model)
     bench = DecodeBenchConfig(

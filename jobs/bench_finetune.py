@@ -13,31 +13,51 @@ import copy
 import json
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import hydra
 import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from jobs.common import setup
-from jobs.finetune import examples_for, plans_for
+from jobs.common import job_config, setup
+from jobs.finetune import FinetuneConfig, examples_for, plans_for
+from pipeline.config import choice
 from pipeline.planning import device_name
 from skipengine import load_model
 from skipengine.depth import training_runs
 from skipengine.finetune import LOSSES, batches, collate, make_trainable, resolve_precision, train_step
 
 log = logging.getLogger("bench_finetune")
+SIDES = {"prompt_grad": (True, False), "precision": ("fp32", "bf16")}  # compare -> its two settings
+
+
+@dataclass
+class BenchFinetuneConfig(FinetuneConfig):
+    """jobs.finetune's keys (conf/bench_finetune.yaml sets the benchmark's own values) and these two."""
+
+    compare: str = "prompt_grad"  # or precision
+    batches: int = 6  # the first one warms up and is not counted
+
+    def validate(self) -> None:
+        super().validate()
+        choice("compare", self.compare, (*SIDES,))
+        if self.batches < 2:
+            raise ValueError(f"batches={self.batches} must be >= 2 (the first one only warms up)")
+
+
+ConfigStore.instance().store(name="bench_finetune_schema", node=BenchFinetuneConfig)
 
 
 @hydra.main(config_path="../conf", config_name="bench_finetune", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(dcfg: DictConfig) -> None:
+    cfg = job_config(dcfg, BenchFinetuneConfig)
     setup(cfg.threads)
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
     examples = examples_for(cfg, tokenizer)
     plan = plans_for(cfg, model.config.num_hidden_layers)[0]
-    sides = {"prompt_grad": (True, False), "precision": ("fp32", "bf16")}.get(cfg.compare)
-    if sides is None:
-        raise ValueError(f"compare={cfg.compare!r} is unknown; use prompt_grad or precision")
+    sides = SIDES[cfg.compare]
     trainable = make_trainable(model, cfg.method, cfg.rank, cfg.alpha).train()
     models = {side: copy.deepcopy(trainable) for side in sides}  # the same starting weights on both sides
     optimizers = {

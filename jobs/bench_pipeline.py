@@ -28,10 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from jobs.bare_engine import time_batches
-from jobs.common import setup
+from jobs.common import job_config, setup
 from pipeline.config import JobConfig
 from pipeline.corpora import BIBLE_SPLITS, read_bible, write_bible_jsonl
 from pipeline.run import run_job
@@ -91,13 +91,13 @@ def job_tokens_per_s(cfg: JobConfig, env: dict[str, str], cluster: dict[str, Any
 
 @hydra.main(config_path="../conf", config_name="bench_pipeline", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
-    setup(dcfg.cluster.threads_per_actor)
+    bench = job_config(dcfg, BenchPipelineConfig)  # the job's own checks run in run_job
+    setup(bench.cluster.threads_per_actor)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     test_start = BIBLE_SPLITS["test"][0]
-    corpus = write_bible_jsonl(run_dir / "corpus.jsonl", test_start, test_start + dcfg.rows)
-    pairs = read_bible(start=test_start, stop=test_start + dcfg.rows)
-    dcfg.data.path, dcfg.data.name = str(corpus), "bench"
-    bench: BenchPipelineConfig = OmegaConf.to_object(dcfg)
+    corpus = write_bible_jsonl(run_dir / "corpus.jsonl", test_start, test_start + bench.rows)
+    pairs = read_bible(start=test_start, stop=test_start + bench.rows)
+    bench.data.path, bench.data.name = str(corpus), "bench"
     cfg = JobConfig(bench.model, bench.task, bench.skip, bench.data, bench.cluster, bench.output)
     cfg.output.dir = str(run_dir / "job")
 
@@ -108,7 +108,7 @@ def main(dcfg: DictConfig) -> None:
     warm, script_whole, script_generate = [], [], []
     jobs = [{"env": env, "cluster": cluster, "whole": [], "batches": []} for env, cluster in variants]
     sides = ["warm", "script", *range(len(jobs))]
-    for rep in range(dcfg.repeats):
+    for rep in range(bench.repeats):
         for side in sides if rep % 2 == 0 else sides[::-1]:
             if side == "warm":
                 warm.append(time_batches(engine, cfg, texts)[0])
@@ -136,7 +136,7 @@ def main(dcfg: DictConfig) -> None:
         job["batches_vs_warm"] = job["batch_tokens_per_s"] / bare["warm"]
     first = jobs[0]
     row = {
-        "rows": dcfg.rows,
+        "rows": bench.rows,
         "batch_size": cfg.cluster.batch_size,
         "plan": f"{cfg.skip.strategy} x{cfg.skip.target_speedup} (layers)",
         "bare_warm_tokens_per_s": bare["warm"],

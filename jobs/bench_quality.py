@@ -15,13 +15,15 @@ import copy
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
 
-from jobs.common import setup, task_config
-from pipeline.config import SkipConfig, TaskConfig
+from jobs.common import job_config, setup, task_config
+from pipeline.config import ModelConfig, SkipConfig, TaskConfig, choice, validate_model
 from pipeline.corpora import BIBLE_SPLITS, read_aclsum, read_austen, read_bible
 from pipeline.generator import adaptive_engine, build_adaptive_plan
 from pipeline.metrics import score_task
@@ -29,12 +31,69 @@ from pipeline.progress import Progress
 from pipeline.prompts import PromptBuilder
 from pipeline.run import on_target
 from skipengine import Engine, load_model, make_plan, measure_cost_model
+from skipengine.adaptive import CRITERIA, KV_FILLS
 from skipengine.control import kv_fraction, layer_speedup
 from skipengine.lora import load_adapter
 from skipengine.perplexity import adaptive_perplexity, perplexity, windows
-from skipengine.plan import SkipPlan
+from skipengine.plan import BASES, STRATEGIES, SkipPlan
 
 log = logging.getLogger("bench_quality")
+
+
+@dataclass
+class QualityRun:
+    """One entry of `runs`: a plan (and its adapter); the adaptive keys are skip=adaptive's."""
+
+    name: str = MISSING
+    strategy: str = MISSING  # a static strategy, or adaptive
+    target: float = MISSING
+    basis: str = MISSING
+    adapter: str | None = None
+    seed: int = 0  # strategy=random
+    exit_classifiers: str | None = None
+    criterion: str = "classifier"
+    exit_every: int = 2
+    min_depth: int = 6  # the classifiers' exit points (conf/train_exits.yaml)
+    threshold: float | None = None
+    kv_fill: str = "decoupled"
+    controller: bool = True
+
+
+@dataclass
+class BenchQualityConfig:
+    """conf/bench_quality.yaml's keys; its comments say what each does."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aclsum_rows: int = 100  # ACLSum test papers (task=summarize, ROUGE)
+    bible_rows: int = 64  # Bible test-range verses (task=translate, BLEU / chrF)
+    ppl_windows: int = 16  # Austen windows for perplexity
+    window_tokens: int = 256
+    context: int = 32
+    batch_size: int = 8
+    threads: int = 2
+    out_dir: str = "docs/results/quality"
+    only: list[str] = field(default_factory=list)  # these entries of runs only (by name)
+    report_only: bool = False  # rebuild quality.md and quality.png from quality.jsonl, run nothing
+    runs: list[QualityRun] = field(default_factory=list)  # the sweep: conf/bench_quality.yaml lists it
+
+    def validate(self) -> None:
+        validate_model(self.model)
+        names = [run.name for run in self.runs]
+        unknown = [name for name in self.only if name not in names]
+        if unknown:  # e.g. a name with a comma, which a YAML flow mapping splits
+            raise ValueError(f"only={unknown} names no entry of runs; the names are: {names}")
+        for i, run in enumerate(self.runs):
+            choice(f"runs[{i}].strategy", run.strategy, (*STRATEGIES, "adaptive"))
+            choice(f"runs[{i}].basis", run.basis, BASES)
+            choice(f"runs[{i}].criterion", run.criterion, CRITERIA)
+            choice(f"runs[{i}].kv_fill", run.kv_fill, KV_FILLS)
+            if run.target < 1:
+                raise ValueError(f"runs[{i}].target={run.target} ({run.name}) must be >= 1.0")
+        if not self.report_only:
+            check_files([run for run in self.runs if not self.only or run.name in self.only], names)
+
+
+ConfigStore.instance().store(name="bench_quality_schema", node=BenchQualityConfig)
 
 
 def generate_all(engine: Engine, plan, task: TaskConfig, texts: list[str], batch_size: int, skip=None):
@@ -64,32 +123,32 @@ def generate_all(engine: Engine, plan, task: TaskConfig, texts: list[str], batch
     return out, decode_s, row_steps, layers / max(1, row_steps), per_batch
 
 
-def plan_for(run: DictConfig, num_layers: int, cost) -> SkipPlan:
+def plan_for(run: QualityRun, num_layers: int, cost) -> SkipPlan:
     if run.basis == "measured":
         return make_plan(num_layers, run.strategy, run.target, "full", "measured", cost_model=cost())
-    return make_plan(num_layers, run.strategy, run.target, "full", "layers", seed=run.get("seed", 0))
+    return make_plan(num_layers, run.strategy, run.target, "full", "layers", seed=run.seed)
 
 
-def evaluate(run: DictConfig, base, tokenizer, data: dict, cfg: DictConfig, cost) -> dict:
+def evaluate(run: QualityRun, base, tokenizer, data: dict, cfg: BenchQualityConfig, cost) -> dict:
     skip, plan = None, None
     if run.strategy == "adaptive":
         skip = SkipConfig(
             strategy="adaptive",
             target_speedup=run.target,
-            exit_classifiers=run.get("exit_classifiers"),
-            criterion=run.get("criterion", "classifier"),
-            exit_every=run.get("exit_every", 2),
-            min_depth=run.get("min_depth", 6),  # the classifiers' exit points (conf/train_exits.yaml)
-            threshold=run.get("threshold"),
-            kv_fill=run.get("kv_fill", "decoupled"),
-            controller=run.get("controller", True),
-            adapter=run.get("adapter"),
+            exit_classifiers=run.exit_classifiers,
+            criterion=run.criterion,
+            exit_every=run.exit_every,
+            min_depth=run.min_depth,
+            threshold=run.threshold,
+            kv_fill=run.kv_fill,
+            controller=run.controller,
+            adapter=run.adapter,
         )
         engine = adaptive_engine(skip, copy.deepcopy(base) if skip.adapter else base, tokenizer)
         model = engine.model
     else:
         plan = plan_for(run, base.config.num_hidden_layers, cost)
-        model = load_adapter(copy.deepcopy(base), run.adapter, plan) if run.get("adapter") else base
+        model = load_adapter(copy.deepcopy(base), run.adapter, plan) if run.adapter else base
         engine = Engine(model, tokenizer)
     start = time.perf_counter()
     summaries, decode_s, row_steps, layers, batch_speedups = generate_all(
@@ -111,7 +170,7 @@ def evaluate(run: DictConfig, base, tokenizer, data: dict, cfg: DictConfig, cost
         "strategy": run.strategy,
         "target": run.target,
         "basis": run.basis,
-        "adapter": run.get("adapter"),
+        "adapter": run.adapter,
         "kept": plan.num_kept if plan else None,
         "decode_layers_per_token": layers,
         "plan": str(plan) if plan else f"adaptive x{run.target}",
@@ -183,13 +242,13 @@ def write_report(rows: list[dict], out_dir: Path) -> None:
     fig.savefig(out_dir / "quality.png", dpi=120)
 
 
-def check_files(selected: list[DictConfig], names: list[str]) -> None:
+def check_files(selected: list[QualityRun], names: list[str]) -> None:
     """Some rows read adapters or classifiers that a README command trains into runs/ (not committed):
     fail before hours of work, not at the row, and say how to leave those rows out."""
     missing = {
         run.name: path
         for run in selected
-        for path in (run.get("adapter"), run.get("exit_classifiers"))
+        for path in (run.adapter, run.exit_classifiers)
         if path and not Path(path).exists()
     }
     if missing:
@@ -201,7 +260,8 @@ def check_files(selected: list[DictConfig], names: list[str]) -> None:
 
 
 @hydra.main(config_path="../conf", config_name="bench_quality", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(dcfg: DictConfig) -> None:
+    cfg = job_config(dcfg, BenchQualityConfig)  # also refuses unknown `only` names and missing files
     setup(cfg.threads)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,14 +270,9 @@ def main(cfg: DictConfig) -> None:
     if results_path.exists():
         rows = {r["name"]: r for r in map(json.loads, results_path.read_text().splitlines())}
     order = {run.name: n for n, run in enumerate(cfg.runs)}
-    unknown = [name for name in cfg.only if name not in order]
-    if unknown:  # e.g. a name with a comma, which a YAML flow mapping splits
-        raise ValueError(f"only={unknown} names no entry of runs; the names are: {list(order)}")
     if cfg.report_only:
         write_report(sorted(rows.values(), key=lambda r: order.get(r["name"], len(order))), out_dir)
         return
-    selected = [run for run in cfg.runs if not cfg.only or run.name in cfg.only]
-    check_files(selected, [run.name for run in cfg.runs])
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
     aclsum = read_aclsum("test")[: cfg.aclsum_rows]
     test_start = BIBLE_SPLITS["test"][0]

@@ -4,17 +4,37 @@ matches HF generate() token for token at full depth; prints the load time and de
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import hydra
 import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from jobs.common import engine_from_config, setup
+from jobs.common import engine_from_config, job_config, setup
+from pipeline.config import ModelConfig, validate_model
 from skipengine import SamplingParams, full_plan
 
 
+@dataclass
+class CheckModelConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: str = "The capital of France is"
+    max_new_tokens: int = 12
+    threads: int = 2
+
+    def validate(self) -> None:
+        validate_model(self.model)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+
+
+ConfigStore.instance().store(name="check_model_schema", node=CheckModelConfig)
+
+
 @hydra.main(config_path="../conf", config_name="check_model", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(dcfg: DictConfig) -> None:
+    cfg = job_config(dcfg, CheckModelConfig)
     setup(cfg.threads)
     start = time.perf_counter()
     engine = engine_from_config(cfg.model)

@@ -1,18 +1,23 @@
-"""What every job does first: logging, torch threads, and the model from the model/ config group."""
+"""What every job does first: its config checked, logging, torch threads, and the model from the model/
+config group."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import TaskConfig
+from pipeline.config import ModelConfig, TaskConfig, typed
 from pipeline.corpora import read_aclsum
 from pipeline.prompts import PromptBuilder
 from skipengine import Engine, load_model
+
+T = TypeVar("T")
 
 
 def setup(threads: int | None = None) -> None:
@@ -21,7 +26,18 @@ def setup(threads: int | None = None) -> None:
         torch.set_num_threads(int(threads))
 
 
-def engine_from_config(model_cfg: DictConfig) -> Engine:
+def job_config(cfg: DictConfig, schema: type[T]) -> T:
+    """The job's Hydra config as its schema's dataclass, checked (pipeline.config.typed); a bad key or
+    value ends the job with its message and exit status 2, before anything loads."""
+    setup()  # the message goes out as the job's other log lines do
+    try:
+        return typed(cfg, schema)
+    except (ValueError, FileNotFoundError) as e:
+        logging.getLogger("config").error("%s", e)
+        sys.exit(2)
+
+
+def engine_from_config(model_cfg: ModelConfig) -> Engine:
     model, tokenizer = load_model(
         model_cfg.spec,
         device=model_cfg.device,
@@ -34,7 +50,7 @@ def engine_from_config(model_cfg: DictConfig) -> Engine:
 def task_config(name: str) -> TaskConfig:
     """conf/task/<name>.yaml as a TaskConfig, for jobs that run several tasks outside Hydra's groups."""
     conf = Path(__file__).resolve().parent.parent / "conf" / "task" / f"{name}.yaml"
-    return TaskConfig(**OmegaConf.to_container(OmegaConf.load(conf)))
+    return typed(OmegaConf.load(conf), TaskConfig)
 
 
 def aclsum_test_prompts(tokenizer) -> list[list[int]]:

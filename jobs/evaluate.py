@@ -6,19 +6,33 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
 
-from jobs.common import setup
+from jobs.common import job_config
 from pipeline.evaluate import evaluate_run, metrics_table
 
+
+@dataclass
+class EvaluateConfig:
+    run_dir: str = MISSING  # a finished jobs.generate run
+    bootstrap_samples: int = 1000  # resamples for the 95% intervals
+
+    def validate(self) -> None:
+        if self.bootstrap_samples < 1:
+            raise ValueError(f"bootstrap_samples={self.bootstrap_samples} must be >= 1")
+
+
+ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 log = logging.getLogger("evaluate")
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    setup()
+def main(dcfg: DictConfig) -> None:
+    cfg = job_config(dcfg, EvaluateConfig)
     try:
         metrics = evaluate_run(cfg.run_dir, cfg.bootstrap_samples)
     except (ValueError, FileNotFoundError) as e:

@@ -22,39 +22,109 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from jobs.common import run_pairs, setup
-from pipeline.config import TaskConfig
+from jobs.common import job_config, run_pairs, setup
+from pipeline.config import ModelConfig, TaskConfig, choice, validate_model, validate_task
 from pipeline.corpora import BIBLE_SPLITS, read_aclsum, read_bible
 from pipeline.prompts import PromptBuilder
 from skipengine import Engine, load_model, make_plan
 from skipengine.adaptive import AdaptivePlan, exit_layers_for
-from skipengine.finetune import Example, TrainConfig, train
+from skipengine.finetune import LOSSES, METHODS, PRECISIONS, Example, TrainConfig, train
 from skipengine.load import cache_root
-from skipengine.plan import SkipPlan
+from skipengine.plan import BASES, PREFILL_MODES, STRATEGIES, SkipPlan
 from skipengine.search import SearchedPlans, cached_search
 
+CORPORA = ("bible", "aclsum", "run")
+
+
+@dataclass
+class FinetuneConfig:
+    """conf/finetune.yaml's keys; its comments say what each does."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    loss: str = "uls"  # uls: cross-entropy on the response; distill: KL to the full-depth model
+    method: str = "lora"  # lora: a small adapter; full: every decoder weight
+    strategy: str = "uniform"  # or searched, or adaptive (exits per token)
+    search_rows: int = 8  # searched: the layer search's sample, the first training prompts
+    search_tokens: int = 48
+    exit_every: int = 2  # adaptive: exit points as in jobs.train_exits
+    min_depth: int = 6
+    targets: list[float] = field(default_factory=lambda: [2.0])  # one adapter for every target listed
+    kept: list[int] = field(default_factory=list)  # and/or explicit kept-layer counts
+    basis: str = "layers"
+    prefill: str = "full"
+    corpus: str = "bible"  # bible, aclsum, or run (run_dir's prompts -> its outputs)
+    run_dir: str | None = None
+    examples: int = 4000  # at most this many training pairs, from the start of the corpus
+    steps: int = 300
+    batch_size: int = 8
+    max_len: int = 160
+    lr: float = 2.0e-4
+    rank: int = 16
+    alpha: int = 32
+    prompt_grad: bool = True  # false: no gradient through the prompt's pass
+    precision: str = "auto"  # bf16 autocast where the device has native bf16, else fp32
+    init_adapter: str | None = None  # start from this adapter
+    threads: int = 2
+    out_dir: str = (
+        "runs/finetune/${model.name}-${task.name}-${loss}-${method}-${strategy}-x${join:${targets}}"
+        "-k${join:${kept}}"
+    )
+
+    def validate(self) -> None:
+        validate_model(self.model)
+        validate_task(self.task)
+        choice("loss", self.loss, (*LOSSES,))
+        choice("method", self.method, METHODS)
+        choice("strategy", self.strategy, (*STRATEGIES, "adaptive"))
+        choice("basis", self.basis, BASES)
+        choice("prefill", self.prefill, PREFILL_MODES)
+        choice("corpus", self.corpus, CORPORA)
+        choice("precision", self.precision, PRECISIONS)
+        if not self.targets and (self.strategy == "adaptive" or not self.kept):
+            need = "targets" if self.strategy == "adaptive" else "targets and/or kept"
+            raise ValueError(f"no plan to train for: give {need}, e.g. targets=[2.0] or kept=[15]")
+        if any(t < 1 for t in self.targets) or any(k < 1 for k in self.kept):
+            raise ValueError(f"targets={self.targets} must be >= 1.0 and kept={self.kept} >= 1")
+        if self.strategy == "searched" and (self.search_rows < 1 or self.search_tokens < 2):
+            raise ValueError("search_rows must be >= 1 and search_tokens >= 2")
+        if self.strategy == "adaptive" and (self.exit_every < 1 or self.min_depth < 1):
+            raise ValueError("exit_every and min_depth must be >= 1")
+        if min(self.examples, self.steps, self.batch_size, self.max_len, self.rank) < 1 or self.lr <= 0:
+            raise ValueError("examples, steps, batch_size, max_len and rank must be >= 1, and lr > 0")
+        if self.corpus == "run" and not (self.run_dir and (Path(self.run_dir) / "outputs").is_dir()):
+            raise ValueError(
+                f"corpus=run needs run_dir=<a finished jobs.generate run>; run_dir={self.run_dir!r} has no "
+                "outputs/"
+            )
+        if self.init_adapter and not Path(self.init_adapter).expanduser().is_file():
+            raise FileNotFoundError(f"init_adapter={self.init_adapter!r} does not exist")
+
+
+ConfigStore.instance().store(name="finetune_schema", node=FinetuneConfig)
 OmegaConf.register_new_resolver("join", lambda xs: "-".join(str(x) for x in xs), replace=True)
 log = logging.getLogger("finetune")
 
 
-def pairs_for(cfg: DictConfig) -> list[tuple[str, str]]:
+def pairs_for(cfg: FinetuneConfig) -> list[tuple[str, str]]:
     """(input text, response text) pairs; for corpus=run the input is the already-rendered prompt."""
     if cfg.corpus == "bible":
         start, stop = BIBLE_SPLITS["train"]
         return read_bible(start=start, stop=min(stop, start + cfg.examples))
     if cfg.corpus == "aclsum":
         return [(r["abstract"], r["summary"]) for r in read_aclsum("train")][: cfg.examples]
-    if cfg.corpus == "run":
-        return run_pairs(cfg.run_dir)[: cfg.examples]
-    raise ValueError(f"corpus={cfg.corpus!r} is unknown; use bible, aclsum or run")
+    return run_pairs(cfg.run_dir)[: cfg.examples]  # corpus=run (FinetuneConfig.validate)
 
 
-def examples_for(cfg: DictConfig, tokenizer) -> list[Example]:
-    prompts = PromptBuilder(TaskConfig(**OmegaConf.to_container(cfg.task)), tokenizer)
+def examples_for(cfg: FinetuneConfig, tokenizer) -> list[Example]:
+    prompts = PromptBuilder(cfg.task, tokenizer)
     examples = []
     for source, response in pairs_for(cfg):
         prompt = (
@@ -68,7 +138,7 @@ def examples_for(cfg: DictConfig, tokenizer) -> list[Example]:
 
 
 def plans_for(
-    cfg: DictConfig, layers: int, searched: SearchedPlans | None = None
+    cfg: FinetuneConfig, layers: int, searched: SearchedPlans | None = None
 ) -> list[SkipPlan | AdaptivePlan]:
     """The plan(s) to train for: one per target, plus one per explicit kept-layer count."""
     if cfg.strategy == "adaptive":  # exit-aware: exits sampled per token at each target's mean depth
@@ -85,7 +155,7 @@ def plans_for(
     return plans
 
 
-def search_for(cfg: DictConfig, model, tokenizer, examples: list[Example]) -> SearchedPlans:
+def search_for(cfg: FinetuneConfig, model, tokenizer, examples: list[Example]) -> SearchedPlans:
     """strategy=searched: the layer search on the training prompts' first search_rows, as a job searches
     on its corpus's first rows (cached)."""
     layers = model.config.num_hidden_layers
@@ -98,7 +168,8 @@ def search_for(cfg: DictConfig, model, tokenizer, examples: list[Example]) -> Se
 
 
 @hydra.main(config_path="../conf", config_name="finetune", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(dcfg: DictConfig) -> None:
+    cfg = job_config(dcfg, FinetuneConfig)
     setup(cfg.threads)
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
     examples = examples_for(cfg, tokenizer)

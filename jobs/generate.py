@@ -9,14 +9,13 @@ from pathlib import Path
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from jobs.common import setup
+from jobs.common import job_config
 from pipeline.config import JobConfig
 from pipeline.run import human_summary, run_job
+from pipeline.sweeps import swept_subdir
 
 ConfigStore.instance().store(name="generate_schema", node=JobConfig)
 log = logging.getLogger("generate")
@@ -28,20 +27,13 @@ def swept_values() -> str | None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return None
-    parser = OverridesParser.create()
-    try:
-        args = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-        swept = {o.key_or_group for o in parser.parse_overrides(args) if o.is_sweep_override()}
-        job = {o.key_or_group: o.value() for o in parser.parse_overrides(list(hydra_cfg.overrides.task))}
-    except OverrideParseException:  # an argument Hydra takes that is not an override: number the jobs
-        return str(hydra_cfg.job.num)
-    return ",".join(f"{key}={job[key]}" for key in sorted(swept) if key in job) or str(hydra_cfg.job.num)
+    args = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    return swept_subdir(args, list(hydra_cfg.overrides.task), hydra_cfg.job.num)
 
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
-    setup()
-    cfg: JobConfig = OmegaConf.to_object(dcfg)
+    cfg = job_config(dcfg, JobConfig)
     subdir = swept_values()
     if subdir:
         cfg.output.dir = str(Path(cfg.output.dir) / subdir)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
 
-from jobs.common import setup
-from pipeline.config import SkipConfig, adaptive_adapter
+from jobs.common import job_config, setup
+from pipeline.config import ModelConfig, SkipConfig, adaptive_adapter, choice, validate_model, validate_skip
 from pipeline.corpora import read_austen
 from pipeline.generator import adaptive_engine, build_adaptive_plan
 from pipeline.planning import build_run_plan
@@ -28,12 +30,38 @@ log = logging.getLogger("perplexity")
 TEXTS = {"austen": read_austen}
 
 
+@dataclass
+class PerplexityConfig:
+    """conf/perplexity.yaml's keys; its comments say what each does."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    skip: SkipConfig = field(default_factory=SkipConfig)
+    text: str = "austen"  # data/austen_persuasion.txt.gz (never trained on)
+    windows: int = 32  # the first N non-overlapping windows of the text
+    window_tokens: int = 256
+    context: int = 32  # tokens per window that play the prompt (prefill layers); the rest are scored
+    batch_size: int = 8  # also the batch size that skip.basis=measured calibrates for
+    threads: int = 2
+    out: str | None = None  # a JSON file for the result (also printed)
+
+    def validate(self) -> None:
+        validate_model(self.model)
+        validate_skip(self.skip)
+        choice("text", self.text, (*TEXTS,))
+        if not 0 < self.context < self.window_tokens:
+            raise ValueError(f"context={self.context} must be > 0 and < window_tokens={self.window_tokens}")
+        if self.windows < 1 or self.batch_size < 1:
+            raise ValueError("windows and batch_size must be >= 1")
+
+
+ConfigStore.instance().store(name="perplexity_schema", node=PerplexityConfig)
+
+
 @hydra.main(config_path="../conf", config_name="perplexity", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(dcfg: DictConfig) -> None:
+    cfg = job_config(dcfg, PerplexityConfig)
     setup(cfg.threads)
-    if cfg.text not in TEXTS:
-        raise ValueError(f"text={cfg.text!r} is unknown; use one of {', '.join(TEXTS)}")
-    skip = SkipConfig(**OmegaConf.to_container(cfg.skip))
+    skip = cfg.skip
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)
     ids = tokenizer(TEXTS[cfg.text](), add_special_tokens=False)["input_ids"]
     chunks = windows(ids, cfg.window_tokens, cfg.windows)

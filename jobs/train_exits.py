@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
 
-from jobs.common import run_pairs, setup
+from jobs.common import job_config, run_pairs, setup
+from pipeline.config import ModelConfig, validate_model
 from skipengine import load_model
 from skipengine.adapters import adapter_for
 from skipengine.adaptive import AdaptivePlan, exit_layers_for
@@ -32,8 +36,37 @@ from skipengine.perplexity import windows
 log = logging.getLogger("train_exits")
 
 
+@dataclass
+class TrainExitsConfig:
+    """conf/train_exits.yaml's keys; its comments say what each does."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    run_dir: str = MISSING  # a finished jobs.generate run: its prompts and outputs are the traces' text
+    out: str = "adapters/${model.name}-exits.safetensors"
+    adapter: str | None = None  # an exit-aware adapter (jobs.finetune strategy=adaptive) to train with
+    exit_every: int = 2
+    min_depth: int = 6  # the first exit point is after layer min_depth - 1 (0-based)
+    window_tokens: int = 128
+    steps: int = 400
+    lr: float = 3.0e-3
+    width: int = 64
+    translate: bool = True  # an affine translator per exit point (least squares to the last layer's output)
+    threads: int = 2
+
+    def validate(self) -> None:
+        validate_model(self.model)
+        if self.adapter and not Path(self.adapter).expanduser().is_file():
+            raise FileNotFoundError(f"adapter={self.adapter!r} does not exist; train one with jobs.finetune")
+        if min(self.exit_every, self.min_depth, self.steps, self.width) < 1 or self.window_tokens < 2:
+            raise ValueError("exit_every, min_depth, steps and width must be >= 1, and window_tokens >= 2")
+
+
+ConfigStore.instance().store(name="train_exits_schema", node=TrainExitsConfig)
+
+
 @hydra.main(config_path="../conf", config_name="train_exits", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(dcfg: DictConfig) -> None:
+    cfg = job_config(dcfg, TrainExitsConfig)
     setup(cfg.threads)
     pairs = run_pairs(cfg.run_dir)
     model, tokenizer = load_model(cfg.model.spec, cfg.model.device, cfg.model.dtype)

@@ -1,12 +1,21 @@
-"""The job's configuration as dataclasses. Hydra composes conf/ onto these schemas, so an unknown key or a
-wrongly typed value fails before anything starts; `validate` checks what types cannot."""
+"""The jobs' configuration as dataclasses. Each job's schema is stored in Hydra's ConfigStore as
+`<job>_schema` and listed first in conf/<job>.yaml's defaults, so Hydra composes conf/ onto it and an
+unknown key or a wrongly typed value fails before anything starts; `typed` turns the composed config into
+the schema's dataclass and runs the schema's own `validate`, the checks types cannot express. The config
+groups' schemas (model, task, skip, ...) and jobs.generate's (JobConfig) are here; every other job's schema
+sits beside its entry point in jobs/ and reuses these groups."""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from skipengine.adaptive import CRITERIA, KV_FILLS
 from skipengine.exits import classifier_adapter
@@ -17,6 +26,7 @@ from skipengine.sampling import SamplingParams
 FORMATS = ("auto", "parquet", "jsonl", "csv", "hf_disk")
 OUTPUT_MODES = ("resume", "overwrite", "error")
 CLUSTER_KINDS = ("local", "existing")
+T = TypeVar("T")
 
 
 @dataclass
@@ -152,7 +162,59 @@ class JobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
-def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+def _schema_of(hint: Any) -> Any:
+    """The dataclass or list type inside an annotation (`X | None` is X), else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [h for h in typing.get_args(hint) if h is not type(None)]
+        hint = inner[0] if len(inner) == 1 else None
+    return hint if dataclasses.is_dataclass(hint) or typing.get_origin(hint) is list else None
+
+
+def _check_keys(value: Any, hint: Any, path: str) -> None:
+    """Refuse a key that `hint`'s dataclass lacks, anywhere below `path`, naming the full dotted key and
+    the keys valid there (OmegaConf names only the last part of a key inside a list)."""
+    hint = _schema_of(hint)
+    if hint is None:
+        return
+    if typing.get_origin(hint) is list:
+        for i, item in enumerate(value if isinstance(value, list) else []):
+            _check_keys(item, typing.get_args(hint)[0], f"{path}[{i}]")
+        return
+    if not isinstance(value, dict):
+        return
+    hints = typing.get_type_hints(hint)
+    for key, item in value.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            where = f"{path} takes" if path else "the top level takes"
+            valid = ", ".join(f.name for f in dataclasses.fields(hint))
+            raise ValueError(
+                f"{full} is not a config key; {where}: {valid}. Fix its spelling or drop it (add --cfg job "
+                "to the command to print the whole config)"
+            )
+        _check_keys(item, hints[key], full)
+
+
+def typed(cfg: DictConfig | dict, schema: type[T]) -> T:
+    """`cfg` (a composed job config, or a plain dict) as an instance of `schema`, checked: a key the schema
+    lacks, a missing required value or a wrongly typed one raises ValueError naming the full key and what
+    to do; then the schema's own `validate()`, where it has one, checks the values (ValueError, or
+    FileNotFoundError for a named file that is not there). jobs.generate's checks run in run_job instead,
+    after skip.adapter=auto is resolved."""
+    _check_keys(OmegaConf.to_container(OmegaConf.create(cfg), resolve=False), schema, "")
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+    except MissingMandatoryValue as e:
+        raise ValueError(f"{e.full_key} is required and has no value; set it: {e.full_key}=...") from None
+    except OmegaConfBaseException as e:  # a value of the wrong type, or one that cannot be resolved
+        raise ValueError(f"{e.full_key}: {str(e.msg).splitlines()[0]}; give it a valid value") from None
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    """Refuse a value outside `valid`, naming the key (pipeline.config_reference lists `valid` per key)."""
     if value not in valid:
         raise ValueError(f"{key}={value!r} is not valid; use one of: {', '.join(valid)}")
 
@@ -184,64 +246,74 @@ def resolve_adapter(cfg: JobConfig) -> None:
             setattr(cfg.skip, key, str(Path(getattr(cfg.skip, key)).expanduser().resolve()))
 
 
-def validate(cfg: JobConfig) -> None:
-    """Value checks that types cannot express; every message names the key and what would be valid."""
-    _choice("skip.strategy", cfg.skip.strategy, (*STRATEGIES, "adaptive"))
-    _choice("skip.basis", cfg.skip.basis, BASES)
-    _choice("skip.prefill", cfg.skip.prefill, PREFILL_MODES)
-    _choice("data.format", cfg.data.format, FORMATS)
-    _choice("output.mode", cfg.output.mode, OUTPUT_MODES)
-    _choice("cluster.kind", cfg.cluster.kind, CLUSTER_KINDS)
-    _choice("task.on_too_long", cfg.task.on_too_long, ("error", "truncate"))
-    _choice("model.dtype", cfg.model.dtype, (*DTYPES,))
-    if cfg.skip.target_speedup < 1:
-        raise ValueError(f"skip.target_speedup={cfg.skip.target_speedup} must be >= 1.0 (1.0 = full depth)")
-    if "{input}" not in cfg.task.template:
-        raise ValueError(
-            f"task.template={cfg.task.template!r} must contain {{input}} where the row's text goes"
-        )
+def validate_model(model: ModelConfig) -> None:
+    choice("model.dtype", model.dtype, (*DTYPES,))
+    if model.actor_memory_gb < 0:
+        raise ValueError(f"model.actor_memory_gb={model.actor_memory_gb} must be >= 0")
+
+
+def validate_task(task: TaskConfig) -> None:
+    choice("task.on_too_long", task.on_too_long, ("error", "truncate"))
+    if "{input}" not in task.template:
+        raise ValueError(f"task.template={task.template!r} must contain {{input}} where the row's text goes")
     try:
-        cfg.task.sampling()
+        task.sampling()
     except ValueError as e:
         raise ValueError(f"task.{e}") from None
+
+
+def validate_skip(skip: SkipConfig) -> None:
+    """The skip group's checks, for every job that composes it (its files: relative to the working
+    directory, or absolute once resolve_adapter has run)."""
+    choice("skip.strategy", skip.strategy, (*STRATEGIES, "adaptive"))
+    choice("skip.basis", skip.basis, BASES)
+    choice("skip.prefill", skip.prefill, PREFILL_MODES)
+    if skip.target_speedup < 1:
+        raise ValueError(f"skip.target_speedup={skip.target_speedup} must be >= 1.0 (1.0 = full depth)")
+    if skip.adapter and skip.adapter != "auto" and not Path(skip.adapter).expanduser().is_file():
+        raise FileNotFoundError(f"skip.adapter={skip.adapter!r} does not exist; train one with jobs.finetune")
+    if skip.full_depth_every < 0:
+        raise ValueError(f"skip.full_depth_every={skip.full_depth_every} must be >= 0 (0 = never)")
+    if skip.strategy == "searched" and (skip.search_rows < 1 or skip.search_tokens < 2):
+        raise ValueError("skip.search_rows must be >= 1 and skip.search_tokens >= 2")
+    if skip.strategy == "adaptive":
+        choice("skip.criterion", skip.criterion, CRITERIA)
+        choice("skip.kv_fill", skip.kv_fill, KV_FILLS)
+        if skip.criterion == "classifier" and not skip.exit_classifiers:
+            raise ValueError(
+                "skip=adaptive with criterion=classifier needs skip.exit_classifiers=<file from "
+                "jobs.train_exits>, or use skip.criterion=confidence"
+            )
+        if skip.exit_classifiers and not Path(skip.exit_classifiers).expanduser().is_file():
+            raise FileNotFoundError(f"skip.exit_classifiers={skip.exit_classifiers!r} does not exist")
+
+
+def validate(cfg: JobConfig) -> None:
+    """Value checks that types cannot express; every message names the key and what would be valid."""
+    validate_skip(cfg.skip)
+    choice("data.format", cfg.data.format, FORMATS)
+    choice("output.mode", cfg.output.mode, OUTPUT_MODES)
+    choice("cluster.kind", cfg.cluster.kind, CLUSTER_KINDS)
+    validate_task(cfg.task)
+    validate_model(cfg.model)
     if cfg.cluster.num_actors < 1 or cfg.cluster.batch_size < 1:
         raise ValueError("cluster.num_actors and cluster.batch_size must be >= 1")
     if cfg.cluster.memory_per_actor_gb is not None and cfg.cluster.memory_per_actor_gb < 0:
         raise ValueError(
             "cluster.memory_per_actor_gb must be >= 0 (0 reserves nothing), or null for the model's own"
         )
-    if cfg.model.actor_memory_gb < 0:
-        raise ValueError(f"model.actor_memory_gb={cfg.model.actor_memory_gb} must be >= 0")
     if cfg.cluster.cpus_per_actor <= 0 and cfg.cluster.gpus_per_actor <= 0:
         raise ValueError("cluster.cpus_per_actor must be > 0 (fractional is fine, e.g. 0.5)")
     if cfg.cluster.kind == "existing" and not cfg.cluster.address:
         raise ValueError("cluster.kind=existing needs cluster.address: 'auto' or 'ray://host:10001'")
     if cfg.data.limit is not None and cfg.data.limit < 1:
         raise ValueError(f"data.limit={cfg.data.limit} must be >= 1, or null for every row")
-    if cfg.skip.adapter and cfg.skip.adapter != "auto" and not Path(cfg.skip.adapter).expanduser().is_file():
-        raise FileNotFoundError(
-            f"skip.adapter={cfg.skip.adapter!r} does not exist; train one with jobs.finetune"
-        )
     for path in cfg.model.adapters.get(cfg.task.name, []) if cfg.skip.adapter == "auto" else []:
         if not Path(path).is_file():
             raise FileNotFoundError(
                 f"model.adapters.{cfg.task.name} lists {path!r}, which does not exist; train it with "
                 "jobs.finetune, remove it from the list, or set skip.adapter=null"
             )
-    if cfg.skip.full_depth_every < 0:
-        raise ValueError(f"skip.full_depth_every={cfg.skip.full_depth_every} must be >= 0 (0 = never)")
-    if cfg.skip.strategy == "searched" and (cfg.skip.search_rows < 1 or cfg.skip.search_tokens < 2):
-        raise ValueError("skip.search_rows must be >= 1 and skip.search_tokens >= 2")
-    if cfg.skip.strategy == "adaptive":
-        _choice("skip.criterion", cfg.skip.criterion, CRITERIA)
-        _choice("skip.kv_fill", cfg.skip.kv_fill, KV_FILLS)
-        if cfg.skip.criterion == "classifier" and not cfg.skip.exit_classifiers:
-            raise ValueError(
-                "skip=adaptive with criterion=classifier needs skip.exit_classifiers=<file from "
-                "jobs.train_exits>, or use skip.criterion=confidence"
-            )
-        if cfg.skip.exit_classifiers and not Path(cfg.skip.exit_classifiers).expanduser().is_file():
-            raise FileNotFoundError(f"skip.exit_classifiers={cfg.skip.exit_classifiers!r} does not exist")
     if not Path(cfg.data.path).expanduser().exists():
         raise FileNotFoundError(f"data.path={cfg.data.path!r} does not exist; point it at a file or a folder")
     if cfg.model.device.startswith("cuda") and cfg.cluster.gpus_per_actor <= 0:

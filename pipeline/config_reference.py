@@ -1,10 +1,11 @@
 """The generate job's configuration reference as Markdown, rendered from pipeline/config.py itself: the
 dataclasses give each key's type and default, the source's comments its meaning (a field's trailing
 comment and the comment lines directly above it), `validate`'s choices the values it accepts, and conf/
-each group's options. README.md holds the result between its config-reference markers.
+each group's options. README.md holds the result between its config-reference markers; docs/cost_study.md
+holds jobs.cost_study's, rendered the same way from pipeline/cost_study.py and conf/cost_study.yaml.
 
-python -m pipeline.config_reference            prints it
-python -m pipeline.config_reference --write    rewrites the block in README.md
+python -m pipeline.config_reference            prints the generate job's
+python -m pipeline.config_reference --write    rewrites the blocks in README.md and docs/cost_study.md
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import config
+from pipeline import config, cost_study
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+COST_STUDY_DOC = ROOT / "docs" / "cost_study.md"
 START, END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
 
 
@@ -76,10 +78,10 @@ def _resolve(node: ast.expr) -> list[str]:
 
 
 def _choices(source: str) -> dict[str, list[str]]:
-    """{"group.key": its valid values}, from the `_choice(...)` calls in pipeline/config.py."""
+    """{"group.key": its valid values}, from the `choice(...)` calls in pipeline/config.py."""
     found = {}
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_choice":
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "choice":
             key, _, valid = node.args
             found[ast.literal_eval(key)] = _resolve(valid)
     return found
@@ -142,19 +144,65 @@ def config_reference() -> str:
     return "\n".join(out) + "\n"
 
 
-def write_readme(path: Path = README) -> None:
-    """Replace the text between the README's config-reference markers with config_reference()."""
+def _flow(value: object) -> str:
+    """A conf value as YAML flow, as one would type it on the command line."""
+    if isinstance(value, dict | list):
+        return f"`{yaml.safe_dump(value, default_flow_style=True, width=1000, sort_keys=False).strip()}`"
+    return _value(value)
+
+
+def cost_study_reference() -> str:
+    """The Markdown reference of jobs.cost_study's keys: each key's type, its value in conf/cost_study.yaml
+    (the schema's default where the file does not set it) and its comments in pipeline/cost_study.py."""
+    fields = _fields(Path(inspect.getsourcefile(cost_study)).read_text())
+    conf = yaml.safe_load((ROOT / "conf" / "cost_study.yaml").read_text())
+    out = [
+        "`python -m jobs.cost_study [key=value ...]`; a bad key or value stops it before any run is read. "
+        "Defaults are `conf/cost_study.yaml`'s (schema: `pipeline/cost_study.py`); a new `prices` key needs "
+        "a `+`: `+prices.L40=1.2`.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+
+    def add(schema: type, prefix: str, values: dict) -> None:
+        last = None  # the last field above with a comment of its own
+        for f in dataclasses.fields(schema):
+            key = prefix + f.name
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+                add(f.default_factory, f"{key}.", values.get(f.name) or {})
+                continue
+            kind, meaning = fields[schema.__name__, f.name]
+            if meaning:
+                last = f.name
+            elif last and re.search(rf"\b{f.name}\b", fields[schema.__name__, last][1]):
+                meaning = f"see `{prefix}{last}`"
+            default = values[f.name] if f.name in values else _default(f)
+            out.append(f"| `{key}` | `{_cell(kind)}` | {_cell(_flow(default))} | {_cell(meaning)} |")
+
+    add(cost_study.CostStudyConfig, "", conf)
+    return "\n".join(out) + "\n"
+
+
+def write_block(path: Path, block: str) -> None:
+    """Replace the text between a file's config-reference markers with block."""
     text = path.read_text()
     head, start, rest = text.partition(START)
     _, end, tail = rest.partition(END)
     if not (start and end):
         raise ValueError(f"{path} has no {START.strip()} ... {END} block")
-    path.write_text(head + start + config_reference() + end + tail)
+    path.write_text(head + start + block + end + tail)
+
+
+def write_readme(path: Path = README) -> None:
+    """Replace the text between the README's config-reference markers with config_reference()."""
+    write_block(path, config_reference())
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--write"]:
         write_readme()
-        print(f"rewrote the config reference in {README}")
+        write_block(COST_STUDY_DOC, cost_study_reference())
+        print(f"rewrote the config references in {README} and {COST_STUDY_DOC}")
     else:
         print(config_reference(), end="")

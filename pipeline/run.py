@@ -304,6 +304,9 @@ def summarize(
         "wall_s": wall,
         "tokens_per_s": tokens_now / wall if wall > 0 else 0.0,
         "num_actors": cfg.cluster.num_actors,
+        # the actors' devices with their model ("cpu AMD EPYC", "cuda:0 NVIDIA H100"), which jobs.cost_study
+        # prices
+        "device": ", ".join(sorted({r["device"] for r in stats if r.get("device")})) or None,
         "device_hours": device_hours,
         "price_per_device_hour": cfg.output.price_per_device_hour,
         "startup_s": stats[0].get("startup_s") if stats else None,

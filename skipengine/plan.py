@@ -17,6 +17,7 @@ class SearchedPlans(Protocol):
 
     def kept(self, num_kept: int) -> tuple[int, ...]: ...
 
+
 STRATEGIES = ("none", "uniform", "searched", "early_exit", "keep_top", "random")
 PREFILL_MODES = ("full", "skip")
 BASES = ("layers", "measured")
