@@ -207,6 +207,24 @@ def _with_adapter(
     return plan
 
 
+def disagreements(measured: dict[int, float], slack: float = 0.1) -> list[str]:
+    """Measurements that contradict each other: fewer layers measured more than `slack` slower than more
+    layers. Compute cannot do that; another process sharing the device can, and then the plan chosen from
+    them may miss the target."""
+    counts = sorted(measured)
+    found = []
+    for i, fewer in enumerate(counts):
+        for more in counts[i + 1 :]:
+            if measured[fewer] < measured[more] * (1 - slack):
+                found.append(
+                    f"{fewer} layers measured {measured[fewer]:.2f}x and {more} layers "
+                    f"{measured[more]:.2f}x: "
+                    "the device was not running this job alone, and the plan may miss its target; "
+                    "rerun on an idle device with output.mode=overwrite"
+                )
+    return found
+
+
 class Measurer:
     """basis=measured: plans run on the corpus's first batch against the base model at full depth
     (skipengine.calibrate.SpeedProbe), each adapter merged into a copy of the model while its plans run."""
@@ -266,9 +284,16 @@ class Measurer:
     def deepest(self, by_count: dict, adapter: str | None, notes: list[str]) -> SkipPlan | None:
         """The deepest of these plans (kept-layer count -> kept layers) that meets the target."""
         layers, target = self.engine.num_layers, self.skip.target_speedup
-        count = deepest_meeting(
-            list(by_count), layers, target, lambda n: self.speed(by_count, adapter, n).decode_speedup
-        )
+        measured: dict[int, float] = {}
+
+        def speed_of(count: int) -> float:
+            measured[count] = self.speed(by_count, adapter, count).decode_speedup
+            return measured[count]
+
+        count = deepest_meeting(list(by_count), layers, target, speed_of)
+        for note in disagreements(measured):
+            log.warning("calibration: %s", note)
+            notes.append(note)
         if count is None:
             return None
         by_layer_count = math.floor(layers / target + 1e-9)

@@ -68,3 +68,13 @@ def test_a_timing_reference_generates_the_given_number_of_tokens_per_row(llama, 
     assert forced.stats.decode_row_steps == 0 + 3 + 8
     with pytest.raises(ValueError, match="one count >= 1 per prompt"):
         engine.generate(prompts[:3], lengths=[1, 2])
+
+
+def test_measurements_where_fewer_layers_ran_slower_are_flagged():
+    from pipeline.planning import disagreements
+
+    assert disagreements({11: 2.4, 13: 2.1, 15: 1.8}) == []
+    assert disagreements({13: 2.0, 14: 2.1}) == []  # within the noise a fair measurement has
+    # what a calibration beside another process measured: 17 layers slower than full depth, 16 at 2.2x
+    (note,) = disagreements({16: 2.2, 17: 0.76, 15: 1.34})
+    assert note.startswith("15 layers measured 1.34x and 16 layers 2.20x") and "output.mode=overwrite" in note
