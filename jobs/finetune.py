@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import hydra
@@ -178,18 +178,9 @@ def main(dcfg: DictConfig) -> None:
     plans = plans_for(cfg, model.config.num_hidden_layers, searched)
     for plan in plans:
         log.info("plan: %s", plan)
+    # the job's keys that TrainConfig also has (the others keep the library's defaults)
     config = TrainConfig(
-        loss=cfg.loss,
-        method=cfg.method,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        max_len=cfg.max_len,
-        lr=cfg.lr,
-        rank=cfg.rank,
-        alpha=cfg.alpha,
-        init_adapter=cfg.init_adapter,
-        precision=cfg.precision,
-        prompt_grad=cfg.prompt_grad,
+        **{f.name: getattr(cfg, f.name) for f in fields(TrainConfig) if hasattr(cfg, f.name)}
     )
     path = train(model, examples, plans, config, cfg.out_dir, tokenizer.pad_token_id)
     print(f"adapter: {path}")

@@ -238,9 +238,8 @@ class Generator:
         started = time.perf_counter()
         try:
             full_depth = full_plan(self.engine.num_layers)
-            lengths = [max(1, n) for n in generated]  # a row the plan failed fails again: any count will do
             full = self.engine.generate(
-                prompt_ids, full_depth, self.sampling, self.cfg.task.on_too_long, lengths
+                prompt_ids, full_depth, self.sampling, self.cfg.task.on_too_long, generated
             ).stats
         except Exception as e:  # the measurement is extra: it never fails the batch
             log.warning("full-depth measurement failed: %s: %s", type(e).__name__, e)

@@ -284,13 +284,10 @@ class Measurer:
     def deepest(self, by_count: dict, adapter: str | None, notes: list[str]) -> SkipPlan | None:
         """The deepest of these plans (kept-layer count -> kept layers) that meets the target."""
         layers, target = self.engine.num_layers, self.skip.target_speedup
-        measured: dict[int, float] = {}
-
-        def speed_of(count: int) -> float:
-            measured[count] = self.speed(by_count, adapter, count).decode_speedup
-            return measured[count]
-
-        count = deepest_meeting(list(by_count), layers, target, speed_of)
+        count = deepest_meeting(
+            list(by_count), layers, target, lambda n: self.speed(by_count, adapter, n).decode_speedup
+        )
+        measured = {r["num_kept"]: r["decode_speedup"] for r in self.results if r["adapter"] == adapter}
         for note in disagreements(measured):
             log.warning("calibration: %s", note)
             notes.append(note)

@@ -113,8 +113,7 @@ class SpeedProbe:
                 "the calibration sample generated no decode steps (every row stopped at its first token); "
                 "use skip.basis=layers or a task that generates more than one token"
             )
-        # a failed row fails at full depth too (the same prompt): its count only has to be valid
-        generated = [max(1, row.num_generated_tokens) for row in out.rows]
+        generated = [row.num_generated_tokens for row in out.rows]
         return stats.decode_s, stats.prefill_s + stats.decode_s, generated
 
     def measure(self, plan: SkipPlan, engine: Engine | None = None, key: str | None = None) -> SpeedSample:

@@ -74,14 +74,16 @@ class Engine:
     ) -> GenerationOutput:
         """One RowResult per prompt, in order. A bad prompt fails its own row (error set), never the batch.
 
-        lengths: each row generates exactly this many tokens, EOS and stop strings ignored. A timing
-        reference that does another run's work: full depth timed on the rows a plan generated, so that a
-        plan (or an adapter) writing shorter or longer text does not pass for a faster or slower one."""
+        lengths: each row generates exactly this many tokens (at least its first), EOS and stop strings
+        ignored. A timing reference that does another run's work: full depth timed on the rows a plan
+        generated (a row the plan failed, 0 tokens, fails here too), so that a plan or an adapter writing
+        shorter or longer text does not pass for a faster or slower one."""
         plan = plan or full_plan(self.num_layers)
         sampling = sampling or SamplingParams()
         if lengths is not None:
-            if len(lengths) != len(prompts) or min(lengths, default=1) < 1:
-                raise ValueError("lengths needs one count >= 1 per prompt")
+            if len(lengths) != len(prompts) or min(lengths, default=0) < 0:
+                raise ValueError("lengths needs one count >= 0 per prompt")
+            lengths = [max(1, n) for n in lengths]
             sampling = dataclasses.replace(sampling, max_new_tokens=max(lengths), ignore_eos=True, stop=())
         if isinstance(plan, AdaptivePlan) and self.adapter is None:
             raise ValueError(f"skip=adaptive needs a native adapter; {type(self.model).__name__} has none")

@@ -358,8 +358,12 @@ def train(
     device = next(model.parameters()).device
     precision = resolve_precision(config.precision, device)
     log.info("training precision: %s", precision)
-    info = {"loss": config.loss, "method": config.method, "prompt_grad": config.prompt_grad}
-    info["precision"] = precision
+    info = {
+        "loss": config.loss,
+        "method": config.method,
+        "prompt_grad": config.prompt_grad,
+        "precision": precision,
+    }
     if config.init_adapter:
         start_from_adapter(model, config.init_adapter)
         info["init_adapter"] = f"{Path(config.init_adapter).name}@{adapter_id(config.init_adapter)}"

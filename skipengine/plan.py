@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 
-class SearchedPlans(Protocol):
+class KeptSets(Protocol):
     """What a plan needs of a layer search's result (skipengine.search.SearchedPlans): a kept set per n."""
 
     def kept(self, num_kept: int) -> tuple[int, ...]: ...
@@ -113,7 +113,7 @@ def evenly_spaced(num_layers: int, num_kept: int) -> tuple[int, ...]:
 
 
 def layers_for_strategy(
-    strategy: str, num_layers: int, num_kept: int, seed: int = 0, searched: SearchedPlans | None = None
+    strategy: str, num_layers: int, num_kept: int, seed: int = 0, searched: KeptSets | None = None
 ) -> tuple[int, ...]:
     if num_kept == num_layers or strategy in ("none", "uniform"):
         return evenly_spaced(num_layers, num_kept)
@@ -139,7 +139,7 @@ def make_plan(
     basis: str = "layers",
     cost_model: CostModel | None = None,
     seed: int = 0,
-    searched: SearchedPlans | None = None,
+    searched: KeptSets | None = None,
 ) -> SkipPlan:
     """A plan that keeps as many layers as the target speedup allows.
 

@@ -66,7 +66,8 @@ def test_a_timing_reference_generates_the_given_number_of_tokens_per_row(llama, 
         shared = min(len(row.token_ids), len(reference.token_ids))
         assert row.token_ids[:shared] == reference.token_ids[:shared]
     assert forced.stats.decode_row_steps == 0 + 3 + 8
-    with pytest.raises(ValueError, match="one count >= 1 per prompt"):
+    assert [r.num_generated_tokens for r in engine.generate(prompts[:1], lengths=[0]).rows] == [1]
+    with pytest.raises(ValueError, match="one count >= 0 per prompt"):
         engine.generate(prompts[:3], lengths=[1, 2])
 
 
